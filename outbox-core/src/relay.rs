@@ -1,0 +1,609 @@
+//! The relay: claim committed messages, publish them with confirms, mark them published.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rand::SeedableRng;
+use metrics::{counter, gauge, histogram};
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::retry::RetryDecision;
+use crate::{Broker, ClaimRequest, Error, ErrorKind, Failure, Message, Result, RetryPolicy, Store};
+
+/// Relay settings. Build them with [`Relay::builder`].
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Name of this relay in lease rows and logs.
+    pub relay_id: String,
+    /// Most messages per claim (default 100).
+    pub batch_size: usize,
+    /// Batches in flight at once, each with its own claim (default 2).
+    pub concurrency: usize,
+    /// Most partitions per claim (default 8).
+    pub partitions_per_claim: usize,
+    /// Lease length (default 30 s).
+    pub lease: Duration,
+    /// Poll interval when there is no wake-up signal or it stays silent (default 1 s).
+    pub poll_interval: Duration,
+    /// Retry and dead-letter policy.
+    pub retry: RetryPolicy,
+    /// Purge published messages older than this; `None` keeps them (default 7 days).
+    pub retention: Option<Duration>,
+    /// How often to purge and refresh the backlog gauges (default 10 s).
+    pub housekeeping_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            relay_id: format!("relay-{}", uuid::Uuid::now_v7().simple()),
+            batch_size: 100,
+            concurrency: 2,
+            partitions_per_claim: 8,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            retry: RetryPolicy::default(),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            housekeeping_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Builds a [`Relay`].
+#[derive(Clone)]
+pub struct RelayBuilder {
+    store: Arc<dyn Store>,
+    broker: Arc<dyn Broker>,
+    config: RelayConfig,
+}
+
+impl RelayBuilder {
+    /// Name the relay (lease owner, logs).
+    pub fn relay_id(mut self, id: impl Into<String>) -> Self {
+        self.config.relay_id = id.into();
+        self
+    }
+    /// Most messages per claim.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.config.batch_size = n;
+        self
+    }
+    /// Batches in flight at once.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+    /// Most partitions per claim.
+    pub fn partitions_per_claim(mut self, n: usize) -> Self {
+        self.config.partitions_per_claim = n;
+        self
+    }
+    /// Lease length.
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.config.lease = d;
+        self
+    }
+    /// Poll interval.
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.config.poll_interval = d;
+        self
+    }
+    /// Retry policy.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+    /// Retention of published messages; `None` never purges.
+    pub fn retention(mut self, d: Option<Duration>) -> Self {
+        self.config.retention = d;
+        self
+    }
+    /// Housekeeping (purge, gauges) interval.
+    pub fn housekeeping_interval(mut self, d: Duration) -> Self {
+        self.config.housekeeping_interval = d;
+        self
+    }
+    /// Replace the whole configuration.
+    pub fn config(mut self, config: RelayConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Check the settings and build the relay.
+    pub fn build(self) -> Result<Relay> {
+        let c = &self.config;
+        if c.batch_size == 0 || c.concurrency == 0 || c.partitions_per_claim == 0 {
+            return Err(Error::config(
+                "batch_size, concurrency and partitions_per_claim must be at least 1",
+            ));
+        }
+        if c.lease < Duration::from_millis(10) {
+            return Err(Error::config("the lease must be at least 10 ms"));
+        }
+        if c.poll_interval.is_zero() || c.housekeeping_interval.is_zero() {
+            return Err(Error::config("intervals must be positive"));
+        }
+        c.retry.validate()?;
+        Ok(Relay {
+            inner: Arc::new(Inner {
+                store: self.store,
+                broker: self.broker,
+                config: self.config,
+                counters: Counters::default(),
+            }),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    published: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    leases_lost: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What a relay has done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Claims that returned messages.
+    pub batches: u64,
+    /// Messages confirmed by the broker and acked in the store.
+    pub published: u64,
+    /// Failed publishes scheduled for retry.
+    pub retried: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Batches whose lease was lost before the ack (their messages are published again).
+    pub leases_lost: u64,
+    /// Store or broker errors the relay backed off from.
+    pub errors: u64,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Messages claimed.
+    pub claimed: usize,
+    /// Messages confirmed and acked.
+    pub published: usize,
+    /// Messages that failed and will be retried.
+    pub retried: usize,
+    /// Messages dead-lettered.
+    pub dead_lettered: usize,
+    /// Messages left for later because an earlier message of their key failed, or the lease
+    /// was about to run out.
+    pub deferred: usize,
+    /// The lease was lost before the ack: published messages will be published again.
+    pub lease_lost: bool,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    broker: Arc<dyn Broker>,
+    config: RelayConfig,
+    counters: Counters,
+}
+
+/// Publishes committed outbox messages: claim under a lease, publish with confirms, ack.
+/// Cheap to clone; clones share counters.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> outbox_core::Result<()> {
+/// use std::sync::Arc;
+/// use outbox_core::{Enqueue, NewMessage, Relay, Transactional};
+/// use outbox_core::memory::{MemoryBroker, MemoryStore};
+///
+/// let store = MemoryStore::new();
+/// let broker = MemoryBroker::new();
+/// let mut tx = store.begin().await?;
+/// store.enqueue(&mut tx, &[NewMessage::new("orders", "o-1", b"placed".to_vec())]).await?;
+/// store.commit(tx).await?;
+///
+/// let relay = Relay::builder(Arc::new(store.clone()), Arc::new(broker.clone())).build()?;
+/// relay.run_once().await?;
+/// assert_eq!(broker.published("orders").len(), 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Relay {
+    inner: Arc<Inner>,
+}
+
+impl Relay {
+    /// Start building a relay over `store` and `broker`.
+    pub fn builder(store: Arc<dyn Store>, broker: Arc<dyn Broker>) -> RelayBuilder {
+        RelayBuilder {
+            store,
+            broker,
+            config: RelayConfig::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RelayConfig {
+        &self.inner.config
+    }
+
+    /// Counters since the relay was built.
+    pub fn stats(&self) -> RelayStats {
+        let c = &self.inner.counters;
+        RelayStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            published: c.published.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            leases_lost: c.leases_lost.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Claim, publish and settle one batch. Returns an empty report when nothing was ready.
+    pub async fn run_once(&self) -> Result<BatchReport> {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let started = Instant::now();
+        let claim = inner
+            .store
+            .claim(&ClaimRequest {
+                owner: cfg.relay_id.clone(),
+                max_messages: cfg.batch_size,
+                max_partitions: cfg.partitions_per_claim,
+                lease: cfg.lease,
+            })
+            .await?;
+        let Some(claim) = claim else {
+            return Ok(BatchReport::default());
+        };
+        inner.counters.batches.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!(
+            "outbox.batch",
+            relay = %cfg.relay_id,
+            claimed = claim.messages.len(),
+            partitions = claim.lease.partitions.len()
+        );
+        self.settle_batch(claim, started).instrument(span).await
+    }
+
+    async fn settle_batch(&self, claim: crate::Claim, started: Instant) -> Result<BatchReport> {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        // Stop publishing well before the store's lease runs out: `started` precedes the
+        // store's clock reading, so this deadline is never later than the lease's.
+        let deadline = started + cfg.lease - cfg.lease / 5;
+        let mut report = BatchReport {
+            claimed: claim.messages.len(),
+            ..BatchReport::default()
+        };
+        let mut published = Vec::with_capacity(claim.messages.len());
+        let mut failures = Vec::new();
+        // A key whose message failed (or was not sent) sends nothing more in this batch, so a
+        // later message of that key can never be first delivered before an earlier one.
+        let mut blocked: HashSet<&str> = HashSet::new();
+        let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+        for wave in waves(&claim.messages) {
+            let batch: Vec<Message> = wave
+                .into_iter()
+                .filter(|m| !blocked.contains(m.key.as_str()))
+                .cloned()
+                .collect();
+            if batch.is_empty() {
+                continue;
+            }
+            if Instant::now() >= deadline {
+                debug!("lease nearly over; leaving the rest of the batch");
+                break;
+            }
+            let outcomes = inner.broker.publish(&batch).await;
+            for (i, message) in batch.iter().enumerate() {
+                let outcome = outcomes.get(i).cloned_result();
+                match outcome {
+                    Ok(()) => {
+                        published.push(message.id);
+                        if message.attempts == 0 {
+                            let age = (Utc::now() - message.created_at).num_microseconds();
+                            histogram!("outbox_commit_to_publish_seconds")
+                                .record(age.unwrap_or(0).max(0) as f64 / 1e6);
+                        }
+                    }
+                    Err(error) => {
+                        let key = claim
+                            .messages
+                            .iter()
+                            .find(|m| m.id == message.id)
+                            .map(|m| m.key.as_str())
+                            .unwrap_or_default();
+                        blocked.insert(key);
+                        let attempts = message.attempts.saturating_add(1);
+                        let permanent = error.kind() == ErrorKind::Permanent;
+                        let retry_at = match cfg.retry.decide(attempts, permanent, &mut rng) {
+                            RetryDecision::RetryAfter(d) => {
+                                report.retried += 1;
+                                Some(Utc::now() + d)
+                            }
+                            RetryDecision::DeadLetter => {
+                                report.dead_lettered += 1;
+                                None
+                            }
+                        };
+                        warn!(id = %message.id, topic = %message.topic, attempts, %error,
+                            dead_letter = retry_at.is_none(), "publish failed");
+                        failures.push(Failure {
+                            id: message.id,
+                            error: error.to_string(),
+                            retry_at,
+                        });
+                    }
+                }
+            }
+        }
+        report.deferred = report.claimed - published.len() - failures.len();
+
+        let settled = self.settle(&claim.lease, &published, &failures).await;
+        if let Err(e) = inner.store.release(&claim.lease).await {
+            debug!(error = %e, "lease release failed; it expires by itself");
+        }
+        match settled {
+            Ok(()) => {
+                report.published = published.len();
+                let c = &inner.counters;
+                c.published.fetch_add(published.len() as u64, Ordering::Relaxed);
+                c.retried.fetch_add(report.retried as u64, Ordering::Relaxed);
+                c.dead_lettered
+                    .fetch_add(report.dead_lettered as u64, Ordering::Relaxed);
+                counter!("outbox_published_total").increment(published.len() as u64);
+                counter!("outbox_failed_total").increment(report.retried as u64);
+                counter!("outbox_dead_lettered_total").increment(report.dead_lettered as u64);
+                Ok(report)
+            }
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                inner.counters.leases_lost.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "lease lost before ack; another relay publishes these again");
+                report.retried = 0;
+                report.dead_lettered = 0;
+                report.lease_lost = true;
+                Ok(report)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn settle(
+        &self,
+        lease: &crate::Lease,
+        published: &[crate::MessageId],
+        failures: &[Failure],
+    ) -> Result<()> {
+        let store = &self.inner.store;
+        if !published.is_empty() {
+            retry_transient(|| store.ack(lease, published)).await?;
+        }
+        if !failures.is_empty() {
+            retry_transient(|| store.fail(lease, failures)).await?;
+        }
+        Ok(())
+    }
+
+    /// Run until `shutdown` resolves: `concurrency` claim loops plus housekeeping (purge,
+    /// backlog gauges). On shutdown, batches in flight finish publishing and acking, and their
+    /// leases are released. Returns the counters.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<RelayStats> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..self.inner.config.concurrency {
+            let relay = self.clone();
+            let stop = stop_rx.clone();
+            tasks.spawn(async move { relay.worker(worker, stop).await });
+        }
+        let relay = self.clone();
+        let stop = stop_rx.clone();
+        tasks.spawn(async move { relay.housekeeping(stop).await });
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+        Ok(self.stats())
+    }
+
+    async fn worker(&self, worker: usize, mut stop: watch::Receiver<bool>) {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let mut wake = inner.store.wake_ups();
+        let mut error_streak: u32 = 0;
+        let error_backoff = RetryPolicy {
+            initial: Duration::from_millis(50),
+            max: cfg.poll_interval.max(Duration::from_millis(50)) * 5,
+            jitter: 0.5,
+            ..RetryPolicy::default()
+        };
+        while !*stop.borrow() {
+            if let Some(w) = wake.as_mut() {
+                w.borrow_and_update();
+            }
+            let pause = match self
+                .run_once()
+                .instrument(info_span!("outbox.relay", worker))
+                .await
+            {
+                Ok(r) if r.claimed > 0 => {
+                    error_streak = 0;
+                    continue;
+                }
+                Ok(_) => {
+                    error_streak = 0;
+                    cfg.poll_interval
+                }
+                Err(e) => {
+                    error_streak += 1;
+                    inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, worker, "relay step failed; backing off");
+                    error_backoff.delay(error_streak, &mut rand::rng())
+                }
+            };
+            let woken = async {
+                match wake.as_mut() {
+                    Some(w) if error_streak == 0 => {
+                        if w.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    _ => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = woken => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    async fn housekeeping(&self, mut stop: watch::Receiver<bool>) {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        while !*stop.borrow() {
+            match inner.store.stats().await {
+                Ok(s) => {
+                    gauge!("outbox_backlog").set(s.pending as f64);
+                    gauge!("outbox_dead_letters").set(s.dead as f64);
+                    let age = s
+                        .oldest_pending
+                        .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1e3)
+                        .unwrap_or(0.0);
+                    gauge!("outbox_oldest_unpublished_seconds").set(age);
+                }
+                Err(e) => debug!(error = %e, "backlog stats failed"),
+            }
+            if let Some(retention) = cfg.retention {
+                let before = Utc::now()
+                    - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+                loop {
+                    match inner.store.purge(before, 1000).await {
+                        Ok(n) if n >= 1000 && !*stop.borrow() => continue,
+                        Ok(n) => {
+                            counter!("outbox_purged_total").increment(n);
+                            break;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "purge failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.housekeeping_interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+}
+
+trait ClonedResult {
+    fn cloned_result(self) -> Result<()>;
+}
+
+impl ClonedResult for Option<&Result<()>> {
+    fn cloned_result(self) -> Result<()> {
+        match self {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(Error::new(e.kind(), e.to_string())),
+            None => Err(Error::transient(
+                "the broker returned fewer outcomes than messages",
+            )),
+        }
+    }
+}
+
+/// Split a claim into waves: wave `i` holds the `i`-th message of each key. Waves are
+/// published one after the other, so a key never has two messages in flight.
+fn waves(messages: &[Message]) -> Vec<Vec<&Message>> {
+    let mut waves: Vec<Vec<&Message>> = Vec::new();
+    let mut depth: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for m in messages {
+        let d = depth.entry(m.key.as_str()).or_insert(0);
+        if waves.len() <= *d {
+            waves.push(Vec::new());
+        }
+        waves[*d].push(m);
+        *d += 1;
+    }
+    waves
+}
+
+async fn retry_transient<F, Fut>(mut call: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut delay = Duration::from_millis(20);
+    for _ in 0..3 {
+        match call().await {
+            Err(e) if e.kind() == ErrorKind::Transient => {
+                debug!(error = %e, "store call failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+            }
+            other => return other,
+        }
+    }
+    call().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Headers, MessageId};
+    use bytes::Bytes;
+
+    fn msg(key: &str, seq: i64) -> Message {
+        Message {
+            id: MessageId::new(),
+            seq,
+            topic: "t".into(),
+            key: key.into(),
+            payload: Bytes::new(),
+            headers: Headers::new(),
+            partition: 0,
+            created_at: Utc::now(),
+            available_at: Utc::now(),
+            attempts: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn waves_hold_one_message_per_key_in_order() {
+        let ms = vec![msg("a", 1), msg("b", 2), msg("a", 3), msg("a", 4), msg("c", 5)];
+        let w = waves(&ms);
+        let seqs: Vec<Vec<i64>> = w.iter().map(|w| w.iter().map(|m| m.seq).collect()).collect();
+        assert_eq!(seqs, vec![vec![1, 2, 5], vec![3], vec![4]]);
+    }
+
+    #[test]
+    fn builder_refuses_zero_sizes() {
+        let store = Arc::new(crate::memory::MemoryStore::new());
+        let broker = Arc::new(crate::memory::MemoryBroker::new());
+        assert_eq!(
+            Relay::builder(store.clone(), broker.clone())
+                .batch_size(0)
+                .build()
+                .err()
+                .map(|e| e.kind()),
+            Some(ErrorKind::Config)
+        );
+        assert!(Relay::builder(store, broker).build().is_ok());
+    }
+}
