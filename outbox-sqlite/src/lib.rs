@@ -1,1 +1,640 @@
-//! placeholder
+//! The embedded default store for the outbox: SQLite through sqlx, in WAL mode, with the
+//! outbox, the partition leases and the inbox in the application's own database file, and
+//! in-process wake-ups when a transaction that enqueued messages commits.
+//!
+//! ```no_run
+//! # async fn demo() -> outbox_core::Result<()> {
+//! use outbox_core::NewMessage;
+//! use outbox_sqlite::SqliteStore;
+//!
+//! let pool = outbox_sqlite::connect("sqlite://app.db").await?;
+//! let store = SqliteStore::builder(pool.clone()).build().await?;
+//!
+//! let mut tx = pool.begin().await.map_err(outbox_sqlite::map_error)?;
+//! // ... the business change, on `&mut *tx` ...
+//! store.enqueue(&mut tx, &[NewMessage::new("orders", "order-42", b"placed".to_vec())]).await?;
+//! tx.commit().await.map_err(outbox_sqlite::map_error)?;
+//! # Ok(()) }
+//! ```
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use outbox_core::{
+    BacklogStats, Claim, ClaimRequest, DeadLetter, DeadLetters, Enqueue, Error, ErrorKind,
+    Failure, Headers, Inbox, Lease, Limits, Message, MessageId, NewMessage, PartitionLease,
+    Result, Seen, Store, Transactional, partition_for,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
+use tokio::sync::{mpsc, watch};
+
+/// Embedded migrations, recorded in their own table (`_outbox_sqlite_migrations`) so they never
+/// mix with the application's own sqlx migrations.
+pub fn migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations");
+    m.dangerous_set_table_name("_outbox_sqlite_migrations");
+    m
+}
+
+/// Connect options suited to the outbox: create the file if missing, WAL journal,
+/// `synchronous = NORMAL` (durable across application crashes; WAL), a 10 s busy timeout.
+pub fn connect_options(url: &str) -> Result<SqliteConnectOptions> {
+    Ok(SqliteConnectOptions::from_str(url)
+        .map_err(|e| Error::config(format!("bad SQLite URL {url:?}")).with_source(e))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10)))
+}
+
+/// Open a pool on `url` (`sqlite://path/to/app.db`) with [`connect_options`].
+pub async fn connect(url: &str) -> Result<SqlitePool> {
+    SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(connect_options(url)?)
+        .await
+        .map_err(map_error)
+}
+
+/// Map a sqlx error to an outbox error with the right kind.
+pub fn map_error(e: sqlx::Error) -> Error {
+    let kind = match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => ErrorKind::Transient,
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // SQLITE_BUSY, SQLITE_LOCKED (and their extended codes)
+            Some(code) if code == "5" || code == "6" || code.ends_with("05") || code.ends_with("06") => {
+                ErrorKind::Transient
+            }
+            _ => ErrorKind::Permanent,
+        },
+        sqlx::Error::Configuration(_) => ErrorKind::Config,
+        _ => ErrorKind::Permanent,
+    };
+    Error::new(kind, "SQLite").with_source(e)
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(v).unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
+/// Builds a [`SqliteStore`].
+pub struct SqliteStoreBuilder {
+    pool: SqlitePool,
+    partitions: u32,
+    limits: Limits,
+    migrate: bool,
+}
+
+impl SqliteStoreBuilder {
+    /// Key partitions (default 64). Every process on the database must use the same count;
+    /// [`build`](Self::build) refuses a count that differs from the database's.
+    pub fn partitions(mut self, n: u32) -> Self {
+        self.partitions = n;
+        self
+    }
+
+    /// Message limits checked at enqueue.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Run the embedded migrations at build (default true). Turn off if you apply
+    /// `migrations/*.sql` yourself.
+    pub fn migrate(mut self, yes: bool) -> Self {
+        self.migrate = yes;
+        self
+    }
+
+    /// Migrate (if asked), check the partition table, and start the wake-up forwarder.
+    pub async fn build(self) -> Result<SqliteStore> {
+        if self.partitions == 0 || self.partitions > 65_536 {
+            return Err(Error::config("partitions must be within 1..=65536"));
+        }
+        if self.migrate {
+            migrator().run(&self.pool).await.map_err(|e| {
+                Error::new(ErrorKind::Config, "outbox migrations failed").with_source(e)
+            })?;
+        }
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_error)?;
+        let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_partitions")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_error)?;
+        if existing == 0 {
+            sqlx::query(
+                "WITH RECURSIVE n(p) AS (SELECT 0 UNION ALL SELECT p + 1 FROM n WHERE p + 1 < ?) \
+                 INSERT INTO outbox_partitions (partition) SELECT p FROM n",
+            )
+            .bind(i64::from(self.partitions))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_error)?;
+        } else if existing != i64::from(self.partitions) {
+            return Err(Error::config(format!(
+                "the database has {existing} outbox partitions but this store is configured with {}; \
+                 every writer and relay must use the same count",
+                self.partitions
+            )));
+        }
+        tx.commit().await.map_err(map_error)?;
+
+        let (wake_tx, _) = watch::channel(0u64);
+        let (hook_tx, mut hook_rx) = mpsc::unbounded_channel::<()>();
+        let forward = wake_tx.clone();
+        // The commit hook runs just before SQLite finishes the commit, so the forwarder waits a
+        // moment before waking relays, or their claim could miss the commit.
+        tokio::spawn(async move {
+            while hook_rx.recv().await.is_some() {
+                tokio::time::sleep(Duration::from_micros(500)).await;
+                while hook_rx.try_recv().is_ok() {}
+                forward.send_modify(|v| *v = v.wrapping_add(1));
+            }
+        });
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                partitions: self.partitions,
+                limits: self.limits,
+                wake: wake_tx,
+                hook: hook_tx,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    pool: SqlitePool,
+    partitions: u32,
+    limits: Limits,
+    wake: watch::Sender<u64>,
+    hook: mpsc::UnboundedSender<()>,
+}
+
+/// The SQLite outbox store and inbox. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+const COLUMNS: &str = "id, seq, topic, key, payload, headers, partition, created_at, available_at, attempts, last_error";
+
+fn row_to_message(row: &SqliteRow) -> Result<Message> {
+    let id: String = row.try_get("id").map_err(map_error)?;
+    let headers: String = row.try_get("headers").map_err(map_error)?;
+    let headers: Headers = serde_json::from_str(&headers)
+        .map_err(|e| Error::permanent("corrupt headers in the outbox table").with_source(e))?;
+    let payload: Vec<u8> = row.try_get("payload").map_err(map_error)?;
+    let partition: i64 = row.try_get("partition").map_err(map_error)?;
+    let attempts: i64 = row.try_get("attempts").map_err(map_error)?;
+    Ok(Message {
+        id: id.parse().map_err(|e| Error::permanent("corrupt id in the outbox table").with_source(e))?,
+        seq: row.try_get("seq").map_err(map_error)?,
+        topic: row.try_get("topic").map_err(map_error)?,
+        key: row.try_get("key").map_err(map_error)?,
+        payload: Bytes::from(payload),
+        headers,
+        partition: partition as u32,
+        created_at: from_micros(row.try_get("created_at").map_err(map_error)?),
+        available_at: from_micros(row.try_get("available_at").map_err(map_error)?),
+        attempts: attempts.clamp(0, i64::from(u32::MAX)) as u32,
+        last_error: row.try_get("last_error").map_err(map_error)?,
+    })
+}
+
+fn json_list<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    serde_json::Value::Array(
+        items
+            .into_iter()
+            .map(|i| serde_json::Value::String(i.to_string()))
+            .collect(),
+    )
+    .to_string()
+}
+
+fn partitions_json(lease: &Lease) -> String {
+    serde_json::Value::Array(
+        lease
+            .partitions
+            .iter()
+            .map(|p| serde_json::Value::from(p.partition))
+            .collect(),
+    )
+    .to_string()
+}
+
+// Ready = pending, due, and no earlier pending row of the same key is waiting for its time.
+const READY: &str = "o.published_at IS NULL AND o.dead_at IS NULL AND o.available_at <= ?1 \
+    AND NOT EXISTS (SELECT 1 FROM outbox w WHERE w.partition = o.partition AND w.key = o.key \
+        AND w.seq < o.seq AND w.published_at IS NULL AND w.dead_at IS NULL AND w.available_at > ?1)";
+
+impl SqliteStore {
+    /// Start building a store on `pool` (the relay side uses it; enqueue uses the caller's
+    /// connection).
+    pub fn builder(pool: SqlitePool) -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            pool,
+            partitions: 64,
+            limits: Limits::default(),
+            migrate: true,
+        }
+    }
+
+    /// The pool the store was built on.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.inner.pool
+    }
+
+    /// Enqueue `messages` in the caller's transaction on `conn` (pass `&mut tx` or
+    /// `&mut *tx`). Fails with [`ErrorKind::NotInTransaction`] outside a transaction and with
+    /// [`ErrorKind::InvalidInput`] if any message is invalid; nothing is written then. Relays
+    /// in this process are woken when the transaction commits.
+    pub async fn enqueue(
+        &self,
+        conn: &mut SqliteConnection,
+        messages: &[NewMessage],
+    ) -> Result<Vec<MessageId>> {
+        if !conn.is_in_transaction() {
+            return Err(Error::new(
+                ErrorKind::NotInTransaction,
+                "enqueue must run inside the caller's transaction (begin one first)",
+            ));
+        }
+        for m in messages {
+            m.validate(&self.inner.limits)?;
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = micros(Utc::now());
+        let mut ids = Vec::with_capacity(messages.len());
+        for chunk in messages.chunks(500) {
+            let mut sql = String::from(
+                "INSERT INTO outbox (id, topic, key, payload, headers, partition, created_at, available_at) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 { "(?,?,?,?,?,?,?,?)" } else { ",(?,?,?,?,?,?,?,?)" });
+            }
+            // The text holds only placeholders; every value is bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for m in chunk {
+                let id = MessageId::new();
+                ids.push(id);
+                let headers = serde_json::to_string(&m.headers)
+                    .map_err(|e| Error::invalid("headers are not serialisable").with_source(e))?;
+                q = q
+                    .bind(id.to_string())
+                    .bind(m.topic.as_str())
+                    .bind(m.key.as_str())
+                    .bind(&m.payload[..])
+                    .bind(headers)
+                    .bind(i64::from(partition_for(&m.key, self.inner.partitions)))
+                    .bind(now)
+                    .bind(m.available_at.map_or(now, micros));
+            }
+            q.execute(&mut *conn).await.map_err(map_error)?;
+        }
+        let hook = self.inner.hook.clone();
+        conn.lock_handle()
+            .await
+            .map_err(map_error)?
+            .set_commit_hook(move || {
+                let _ = hook.send(());
+                true
+            });
+        Ok(ids)
+    }
+
+    async fn check_lease(tx: &mut SqliteConnection, lease: &Lease, now: i64) -> Result<()> {
+        let rows = sqlx::query(
+            "SELECT partition, token, owner, lease_until FROM outbox_partitions \
+             WHERE partition IN (SELECT value FROM json_each(?))",
+        )
+        .bind(partitions_json(lease))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_error)?;
+        for pl in &lease.partitions {
+            let held = rows.iter().any(|r| {
+                r.get::<i64, _>("partition") == i64::from(pl.partition)
+                    && r.get::<i64, _>("token") == pl.token
+                    && r.get::<Option<String>, _>("owner").as_deref() == Some(lease.owner.as_str())
+                    && r.get::<i64, _>("lease_until") > now
+            });
+            if !held {
+                return Err(Error::conflict(format!(
+                    "the lease on partition {} (token {}) is no longer held by {}",
+                    pl.partition, pl.token, lease.owner
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn immediate(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.inner
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_error)
+    }
+}
+
+#[async_trait]
+impl Transactional for SqliteStore {
+    type Tx = Transaction<'static, Sqlite>;
+
+    /// Begins with `BEGIN IMMEDIATE`, so a handler that reads before it writes never fails
+    /// with a lock upgrade conflict.
+    async fn begin(&self) -> Result<Self::Tx> {
+        self.immediate().await
+    }
+
+    async fn commit(&self, tx: Self::Tx) -> Result<()> {
+        tx.commit().await.map_err(map_error)
+    }
+
+    async fn rollback(&self, tx: Self::Tx) -> Result<()> {
+        tx.rollback().await.map_err(map_error)
+    }
+}
+
+#[async_trait]
+impl Enqueue for SqliteStore {
+    async fn enqueue(&self, tx: &mut Self::Tx, messages: &[NewMessage]) -> Result<Vec<MessageId>> {
+        SqliteStore::enqueue(self, tx, messages).await
+    }
+}
+
+#[async_trait]
+impl Inbox for SqliteStore {
+    async fn record(&self, tx: &mut Self::Tx, consumer: &str, id: MessageId) -> Result<Seen> {
+        let done = sqlx::query(
+            "INSERT INTO outbox_inbox (consumer, message_id, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(consumer)
+        .bind(id.to_string())
+        .bind(micros(Utc::now()))
+        .execute(&mut **tx)
+        .await
+        .map_err(map_error)?;
+        Ok(if done.rows_affected() == 1 {
+            Seen::First
+        } else {
+            Seen::Duplicate
+        })
+    }
+
+    async fn purge_inbox(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM outbox_inbox WHERE (consumer, message_id) IN \
+             (SELECT consumer, message_id FROM outbox_inbox WHERE created_at < ? LIMIT ?)",
+        )
+        .bind(micros(before))
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .execute(&self.inner.pool)
+        .await
+        .map_err(map_error)?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claim>> {
+        let now_t = Utc::now();
+        let now = micros(now_t);
+        let lease_len = chrono::Duration::from_std(request.lease)
+            .map_err(|_| Error::invalid("lease too long"))?;
+        let mut tx = self.immediate().await?;
+        let candidates: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT p.partition FROM outbox_partitions p WHERE p.lease_until <= ?1 \
+             AND EXISTS (SELECT 1 FROM outbox o WHERE o.partition = p.partition AND {READY}) \
+             ORDER BY p.claimed_at, p.partition LIMIT ?2"
+        )))
+        .bind(now)
+        .bind(request.max_partitions.max(1) as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_error)?;
+        if candidates.is_empty() {
+            tx.rollback().await.map_err(map_error)?;
+            return Ok(None);
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM outbox o WHERE o.partition IN (SELECT value FROM json_each(?2)) \
+             AND {READY} ORDER BY o.seq LIMIT ?3"
+        )))
+        .bind(now)
+        .bind(serde_json::Value::from(candidates).to_string())
+        .bind(request.max_messages.max(1) as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_error)?;
+        let messages = rows.iter().map(row_to_message).collect::<Result<Vec<_>>>()?;
+        let used: std::collections::BTreeSet<u32> = messages.iter().map(|m| m.partition).collect();
+        let expires_at = now_t + lease_len;
+        let mut partitions = Vec::with_capacity(used.len());
+        for p in used {
+            let token: i64 = sqlx::query_scalar(
+                "UPDATE outbox_partitions SET owner = ?, token = token + 1, lease_until = ?, claimed_at = ? \
+                 WHERE partition = ? RETURNING token",
+            )
+            .bind(&request.owner)
+            .bind(micros(expires_at))
+            .bind(now)
+            .bind(i64::from(p))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_error)?;
+            partitions.push(PartitionLease { partition: p, token });
+        }
+        tx.commit().await.map_err(map_error)?;
+        Ok(Some(Claim {
+            lease: Lease {
+                owner: request.owner.clone(),
+                partitions,
+                expires_at,
+            },
+            messages,
+        }))
+    }
+
+    async fn ack(&self, lease: &Lease, ids: &[MessageId]) -> Result<()> {
+        let now = micros(Utc::now());
+        let mut tx = self.immediate().await?;
+        Self::check_lease(&mut tx, lease, now).await?;
+        sqlx::query(
+            "UPDATE outbox SET published_at = ? WHERE id IN (SELECT value FROM json_each(?)) \
+             AND partition IN (SELECT value FROM json_each(?)) \
+             AND published_at IS NULL AND dead_at IS NULL",
+        )
+        .bind(now)
+        .bind(json_list(ids.iter()))
+        .bind(partitions_json(lease))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_error)?;
+        tx.commit().await.map_err(map_error)
+    }
+
+    async fn fail(&self, lease: &Lease, failures: &[Failure]) -> Result<()> {
+        let now = micros(Utc::now());
+        let mut tx = self.immediate().await?;
+        Self::check_lease(&mut tx, lease, now).await?;
+        let parts = partitions_json(lease);
+        for f in failures {
+            sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, \
+                 available_at = coalesce(?, available_at), dead_at = ? \
+                 WHERE id = ? AND partition IN (SELECT value FROM json_each(?)) \
+                 AND published_at IS NULL AND dead_at IS NULL",
+            )
+            .bind(&f.error)
+            .bind(f.retry_at.map(micros))
+            .bind(if f.retry_at.is_none() { Some(now) } else { None })
+            .bind(f.id.to_string())
+            .bind(&parts)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_error)?;
+        }
+        tx.commit().await.map_err(map_error)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let now = micros(Utc::now());
+        let mut tx = self.immediate().await?;
+        for pl in &lease.partitions {
+            sqlx::query(
+                "UPDATE outbox_partitions SET owner = NULL, lease_until = ? \
+                 WHERE partition = ? AND token = ? AND owner = ?",
+            )
+            .bind(now)
+            .bind(i64::from(pl.partition))
+            .bind(pl.token)
+            .bind(&lease.owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_error)?;
+        }
+        tx.commit().await.map_err(map_error)
+    }
+
+    async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox \
+             WHERE published_at IS NOT NULL AND published_at < ? ORDER BY published_at LIMIT ?)",
+        )
+        .bind(micros(before))
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .execute(&self.inner.pool)
+        .await
+        .map_err(map_error)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<BacklogStats> {
+        let row = sqlx::query(
+            "SELECT \
+               coalesce(sum(published_at IS NULL AND dead_at IS NULL), 0) AS pending, \
+               coalesce(sum(dead_at IS NOT NULL AND published_at IS NULL), 0) AS dead, \
+               coalesce(sum(published_at IS NOT NULL), 0) AS published, \
+               min(CASE WHEN published_at IS NULL AND dead_at IS NULL THEN created_at END) AS oldest \
+             FROM outbox",
+        )
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(map_error)?;
+        Ok(BacklogStats {
+            pending: row.get::<i64, _>("pending") as u64,
+            dead: row.get::<i64, _>("dead") as u64,
+            published: row.get::<i64, _>("published") as u64,
+            oldest_pending: row.get::<Option<i64>, _>("oldest").map(from_micros),
+        })
+    }
+
+    fn wake_ups(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.inner.wake.subscribe())
+    }
+}
+
+#[async_trait]
+impl DeadLetters for SqliteStore {
+    async fn list_dead(&self, topic: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS}, dead_at FROM outbox WHERE dead_at IS NOT NULL AND published_at IS NULL \
+             AND (?1 IS NULL OR topic = ?1) ORDER BY seq LIMIT ?2"
+        )))
+        .bind(topic)
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(map_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetter {
+                    message: row_to_message(r)?,
+                    dead_at: from_micros(r.get("dead_at")),
+                })
+            })
+            .collect()
+    }
+
+    async fn requeue(&self, ids: &[MessageId]) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET dead_at = NULL, attempts = 0, available_at = ? \
+             WHERE id IN (SELECT value FROM json_each(?)) AND dead_at IS NOT NULL AND published_at IS NULL",
+        )
+        .bind(micros(Utc::now()))
+        .bind(json_list(ids.iter()))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(map_error)?;
+        self.inner.wake.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(done.rows_affected())
+    }
+
+    async fn requeue_topic(&self, topic: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE outbox SET dead_at = NULL, attempts = 0, available_at = ? \
+             WHERE topic = ? AND dead_at IS NOT NULL AND published_at IS NULL",
+        )
+        .bind(micros(Utc::now()))
+        .bind(topic)
+        .execute(&self.inner.pool)
+        .await
+        .map_err(map_error)?;
+        self.inner.wake.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_dead(&self, ids: &[MessageId]) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?)) \
+             AND dead_at IS NOT NULL AND published_at IS NULL",
+        )
+        .bind(json_list(ids.iter()))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(map_error)?;
+        Ok(done.rows_affected())
+    }
+}

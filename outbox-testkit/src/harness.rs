@@ -52,6 +52,12 @@ pub trait StoreHarness: Send + Sync + 'static {
     }
     /// A new, empty store with `partitions` key partitions, isolated from every other.
     async fn fresh(&self, partitions: u32) -> Result<Self::Store>;
+    /// A new handle on the same data, as a restarted process would open it (new pool, no
+    /// state carried over in memory). The default clones the handle, which is right only for
+    /// stores that keep no state outside their database.
+    async fn reopen(&self, store: &Self::Store) -> Result<Self::Store> {
+        Ok(store.clone())
+    }
 }
 
 /// What a broker can do.
