@@ -1,0 +1,298 @@
+//! The schema: one template rendered either for a configured store (schema-qualified, quoted
+//! names, used by the migration) or for the published plain SQL file (default names,
+//! unqualified, so it lands in the current `search_path`).
+
+use outbox_core::{Error, Result, validate_identifier};
+
+/// The schema template. `{outbox}`, `{partitions}` and `{inbox}` are the table names (qualified
+/// or not), `{outbox_*_idx}` / `{inbox_*_idx}` the index names (never qualified: an index lives
+/// in its table's schema), `{max_partition}` the highest partition number.
+const TEMPLATE: &str = r#"CREATE TABLE IF NOT EXISTS {outbox} (
+    seq          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           uuid        NOT NULL UNIQUE,
+    topic        text        NOT NULL,
+    key          text        NOT NULL,
+    payload      bytea       NOT NULL,
+    headers      jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    partition    integer     NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    available_at timestamptz NOT NULL DEFAULT now(),
+    published_at timestamptz,
+    dead_at      timestamptz,
+    attempts     integer     NOT NULL DEFAULT 0,
+    last_error   text
+);
+
+-- Claim: the pending rows of a partition in sequence order.
+CREATE INDEX IF NOT EXISTS {outbox_ready_idx} ON {outbox} (partition, seq)
+    WHERE published_at IS NULL AND dead_at IS NULL;
+-- Claim: is an earlier message of the same key waiting (delayed or backing off)? A range scan
+-- over available_at > now() visits only the waiting rows of the key.
+CREATE INDEX IF NOT EXISTS {outbox_key_idx} ON {outbox} (partition, key, available_at)
+    WHERE published_at IS NULL AND dead_at IS NULL;
+-- Purge: published rows by age.
+CREATE INDEX IF NOT EXISTS {outbox_published_idx} ON {outbox} (published_at)
+    WHERE published_at IS NOT NULL;
+-- Dead letters, oldest first.
+CREATE INDEX IF NOT EXISTS {outbox_dead_idx} ON {outbox} (seq)
+    WHERE dead_at IS NOT NULL AND published_at IS NULL;
+
+-- One row per key partition: who leases it, until when, and the fencing token.
+CREATE TABLE IF NOT EXISTS {partitions} (
+    partition   integer     PRIMARY KEY,
+    owner       text,
+    token       bigint      NOT NULL DEFAULT 0,
+    lease_until timestamptz NOT NULL DEFAULT '1970-01-01 00:00:00+00',
+    claimed_at  timestamptz NOT NULL DEFAULT '1970-01-01 00:00:00+00'
+);
+
+-- The partition count is fixed when the table is first filled; every writer and relay must be
+-- configured with the same count.
+INSERT INTO {partitions} (partition)
+SELECT p FROM generate_series(0, {max_partition}) AS p
+WHERE NOT EXISTS (SELECT 1 FROM {partitions});
+
+-- The inbox: (consumer, message id) recorded in the handler's transaction.
+CREATE TABLE IF NOT EXISTS {inbox} (
+    consumer   text        NOT NULL,
+    message_id uuid        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, message_id)
+);
+
+CREATE INDEX IF NOT EXISTS {inbox_created_idx} ON {inbox} (created_at);
+"#;
+
+/// The header of the published plain SQL file.
+const FILE_HEADER: &str = "\
+-- outbox-postgres schema (default names, 64 partitions).
+--
+-- Generated from the template in outbox-postgres/src/schema.rs (regenerate with
+-- `OUTBOX_BLESS=1 cargo test -p outbox-postgres --lib`); a test checks that it creates what
+-- `PgStoreBuilder::migrate(true)` creates. Do not edit by hand.
+--
+-- For users who run their own migrations. It creates the tables in the current schema (the
+-- first schema of `search_path`); configure the store with that schema
+-- (`PgStore::builder(pool).schema(\"...\")`). It is idempotent. To use another partition count,
+-- change the upper bound of generate_series below to count - 1 and configure
+-- `.partitions(count)`; the count cannot change once the partitions table is filled.
+-- `PgStoreBuilder::schema_sql` renders this schema for custom names.
+
+";
+
+/// The suffixes of derived index names.
+const INDEX_SUFFIXES: [&str; 4] = ["_ready_idx", "_key_idx", "_published_idx", "_dead_idx"];
+const INBOX_INDEX_SUFFIX: &str = "_created_idx";
+
+/// The validated names a store works with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Names {
+    pub(crate) schema: String,
+    pub(crate) outbox: String,
+    pub(crate) partitions: String,
+    pub(crate) inbox: String,
+}
+
+impl Names {
+    /// Check every name and every name derived from them. Only names that pass ever reach
+    /// SQL text.
+    pub(crate) fn new(schema: &str, outbox: &str, partitions: &str, inbox: &str) -> Result<Self> {
+        for (what, name) in [
+            ("schema", schema),
+            ("outbox table", outbox),
+            ("partitions table", partitions),
+            ("inbox table", inbox),
+        ] {
+            validate_identifier(name).map_err(|e| {
+                Error::invalid(format!("the {what} name is not a plain identifier")).with_source(e)
+            })?;
+        }
+        for suffix in INDEX_SUFFIXES {
+            check_derived(outbox, suffix, "outbox table")?;
+        }
+        check_derived(inbox, INBOX_INDEX_SUFFIX, "inbox table")?;
+        if outbox == partitions || outbox == inbox || partitions == inbox {
+            return Err(Error::invalid(
+                "the outbox, partitions and inbox tables need three different names",
+            ));
+        }
+        Ok(Names {
+            schema: schema.to_string(),
+            outbox: outbox.to_string(),
+            partitions: partitions.to_string(),
+            inbox: inbox.to_string(),
+        })
+    }
+
+    /// `"schema"."table"`.
+    pub(crate) fn qualified(&self, table: &str) -> String {
+        format!("\"{}\".\"{}\"", self.schema, table)
+    }
+
+    /// Every table and index the schema creates, schema-qualified and quoted (for
+    /// `to_regclass`).
+    pub(crate) fn relations(&self) -> Vec<String> {
+        let mut all = vec![
+            self.qualified(&self.outbox),
+            self.qualified(&self.partitions),
+            self.qualified(&self.inbox),
+            self.qualified(&format!("{}{INBOX_INDEX_SUFFIX}", self.inbox)),
+        ];
+        all.extend(
+            INDEX_SUFFIXES
+                .iter()
+                .map(|suffix| self.qualified(&format!("{}{suffix}", self.outbox))),
+        );
+        all
+    }
+
+    /// The NOTIFY channel: `schema.outbox` when it fits Postgres's 63-byte limit, else a
+    /// stable hash of it.
+    pub(crate) fn channel(&self) -> String {
+        let full = format!("{}.{}", self.schema, self.outbox);
+        if full.len() <= 63 {
+            full
+        } else {
+            format!("outbox_{:016x}", fnv64(full.as_bytes()))
+        }
+    }
+}
+
+fn check_derived(table: &str, suffix: &str, what: &str) -> Result<()> {
+    let derived = format!("{table}{suffix}");
+    validate_identifier(&derived).map_err(|e| {
+        Error::invalid(format!(
+            "the {what} name {table:?} is too long: index names derive from it (\"{derived}\" \
+             must fit in 63 characters)"
+        ))
+        .with_source(e)
+    })
+}
+
+/// Render the template. `qualify` quotes and schema-qualifies the table names (the migration);
+/// without it the names are used as they are (the plain file, default lower-case names).
+pub(crate) fn render(names: &Names, partitions: u32, qualify: bool) -> String {
+    let table = |t: &str| {
+        if qualify {
+            names.qualified(t)
+        } else {
+            t.to_string()
+        }
+    };
+    let index = |t: &str, suffix: &str| {
+        if qualify {
+            format!("\"{t}{suffix}\"")
+        } else {
+            format!("{t}{suffix}")
+        }
+    };
+    TEMPLATE
+        .replace("{outbox_ready_idx}", &index(&names.outbox, "_ready_idx"))
+        .replace("{outbox_key_idx}", &index(&names.outbox, "_key_idx"))
+        .replace(
+            "{outbox_published_idx}",
+            &index(&names.outbox, "_published_idx"),
+        )
+        .replace("{outbox_dead_idx}", &index(&names.outbox, "_dead_idx"))
+        .replace(
+            "{inbox_created_idx}",
+            &index(&names.inbox, INBOX_INDEX_SUFFIX),
+        )
+        .replace("{outbox}", &table(&names.outbox))
+        .replace("{partitions}", &table(&names.partitions))
+        .replace("{inbox}", &table(&names.inbox))
+        .replace("{max_partition}", &(partitions - 1).to_string())
+}
+
+/// The text of `sql/schema.sql`: default names, unqualified, 64 partitions.
+pub(crate) fn default_file() -> String {
+    let names = Names::new(
+        crate::DEFAULT_SCHEMA,
+        crate::DEFAULT_OUTBOX_TABLE,
+        crate::DEFAULT_PARTITIONS_TABLE,
+        crate::DEFAULT_INBOX_TABLE,
+    )
+    .expect("the default names are valid");
+    format!(
+        "{FILE_HEADER}{}",
+        render(&names, crate::DEFAULT_PARTITIONS, false)
+    )
+}
+
+/// FNV-1a, 64 bit: stable across processes and versions (lock keys, channel names).
+pub(crate) fn fnv64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file is generated from the template; `OUTBOX_BLESS=1 cargo test -p outbox-postgres
+    /// --lib` regenerates it. (The integration tests apply it and compare the result with what
+    /// the migration creates.)
+    #[test]
+    fn the_published_file_is_the_rendered_template() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/schema.sql");
+        if std::env::var_os("OUTBOX_BLESS").is_some() {
+            std::fs::write(path, default_file()).expect("write sql/schema.sql");
+        }
+        let file = std::fs::read_to_string(path).expect("read sql/schema.sql");
+        assert!(
+            file == default_file(),
+            "sql/schema.sql is out of date: regenerate it with \
+             OUTBOX_BLESS=1 cargo test -p outbox-postgres --lib"
+        );
+    }
+
+    #[test]
+    fn every_placeholder_is_replaced() {
+        let names = Names::new("s", "o", "p", "i").unwrap();
+        for qualify in [false, true] {
+            let sql = render(&names, 8, qualify);
+            for token in ["{outbox", "{partitions}", "{inbox", "{max_partition}"] {
+                assert!(!sql.contains(token), "{token} left in:\n{sql}");
+            }
+            assert!(sql.contains("generate_series(0, 7)"));
+        }
+        let sql = render(&names, 8, true);
+        assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"s\".\"o\" ("));
+        assert!(sql.contains("CREATE INDEX IF NOT EXISTS \"o_ready_idx\" ON \"s\".\"o\""));
+        assert!(sql.contains("\"i_created_idx\" ON \"s\".\"i\""));
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(Names::new("public", "outbox", "outbox_partitions", "outbox_inbox").is_ok());
+        for (s, o, p, i) in [
+            ("pub lic", "o", "p", "i"),
+            ("s", "o\"; drop table x; --", "p", "i"),
+            ("s", "o", "1p", "i"),
+            ("s", "o", "p", ""),
+            ("s", &"o".repeat(55), "p", "i"),
+            ("s", "o", "o", "i"),
+        ] {
+            let err = Names::new(s, o, p, i).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                outbox_core::ErrorKind::InvalidInput,
+                "{s} {o} {p} {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn channel_names_fit_postgres_limits() {
+        let short = Names::new("public", "outbox", "p", "i").unwrap();
+        assert_eq!(short.channel(), "public.outbox");
+        let long = Names::new(&"s".repeat(40), &"o".repeat(40), "p", "i").unwrap();
+        let ch = long.channel();
+        assert!(ch.len() <= 63 && ch.starts_with("outbox_"), "{ch}");
+        assert_eq!(ch, long.channel());
+    }
+}

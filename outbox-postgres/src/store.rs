@@ -1,0 +1,676 @@
+//! The write side, the relay side, the inbox and dead letters of [`PgStore`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use outbox_core::{
+    BacklogStats, Bytes, Claim, ClaimRequest, DeadLetter, DeadLetters, Enqueue, Error, ErrorKind,
+    Failure, Headers, Inbox, Lease, Message, MessageId, NewMessage, PartitionLease, Result, Seen,
+    Store, Transactional, partition_for,
+};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Row};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::PgStore;
+use crate::error::db_error;
+use crate::listener::Listener;
+use crate::schema::{Names, fnv64, render};
+use crate::sql::Statements;
+
+/// A batch with more distinct keys than this locks its key stripes instead of its keys.
+const KEY_LOCK_LIMIT: usize = 16;
+/// Keys are striped over this many lock stripes (by partition) for batches with many keys.
+const LOCK_STRIPES: u32 = 64;
+/// Most rows one purge statement deletes.
+const PURGE_CHUNK: u64 = 5_000;
+/// The advisory lock that serialises migrations of every outbox-postgres schema in a database.
+const MIGRATION_LOCK: &str = "outbox-postgres migrate";
+
+fn sql(statement: &std::sync::Arc<str>) -> AssertSqlSafe<std::sync::Arc<str>> {
+    // Every statement was built from validated identifiers only (see `Names::new`); values are
+    // always bound as parameters.
+    AssertSqlSafe(statement.clone())
+}
+
+fn clamp(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Create the schema (if missing) and the tables, under a transaction-scoped advisory lock, and
+/// check the partition count before committing.
+pub(crate) async fn migrate(pool: &PgPool, names: &Names, partitions: u32) -> Result<()> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(|e| db_error("begin migration", e))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(fnv64(MIGRATION_LOCK.as_bytes()) as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("take the migration lock", e))?;
+    let schema_exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&names.schema)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_error("look up the schema", e))?;
+    if !schema_exists {
+        // The schema name was validated by `Names::new`.
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            names.schema
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("create the schema", e))?;
+    }
+    // Skip the DDL when everything exists: even `CREATE INDEX IF NOT EXISTS` takes a SHARE lock
+    // on the table first, which would queue behind open transactions that enqueued and block
+    // every enqueue behind it, on each start of each process.
+    let missing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM unnest($1::text[]) AS r(name) WHERE to_regclass(r.name) IS NULL",
+    )
+    .bind(names.relations())
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| db_error("look up the outbox tables", e))?;
+    let statements = Statements::new(names);
+    let needs_ddl = missing > 0 || {
+        let (count, _, _): (i64, i32, i32) = sqlx::query_as(sql(&statements.partition_check))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| db_error("count the partitions", e))?;
+        count == 0
+    };
+    if needs_ddl {
+        sqlx::raw_sql(AssertSqlSafe(render(names, partitions, true)))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("create the outbox tables", e))?;
+    }
+    check_partition_rows(&mut tx, names, &statements, partitions).await?;
+    tx.commit()
+        .await
+        .map_err(|e| db_error("commit the migration", e))?;
+    tracing::info!(schema = %names.schema, outbox = %names.outbox, partitions, "outbox schema is in place");
+    Ok(())
+}
+
+/// Check that the tables exist and hold `partitions` partitions.
+pub(crate) async fn check_database(
+    pool: &PgPool,
+    names: &Names,
+    statements: &Statements,
+    partitions: u32,
+) -> Result<()> {
+    let mut conn = pool.acquire().await.map_err(|e| db_error("connect", e))?;
+    let (outbox, parts, inbox): (bool, bool, bool) = sqlx::query_as(sql(&statements.tables_check))
+        .bind(names.qualified(&names.outbox))
+        .bind(names.qualified(&names.partitions))
+        .bind(names.qualified(&names.inbox))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| db_error("look up the outbox tables", e))?;
+    let missing: Vec<String> = [
+        (outbox, &names.outbox),
+        (parts, &names.partitions),
+        (inbox, &names.inbox),
+    ]
+    .into_iter()
+    .filter(|(exists, _)| !exists)
+    .map(|(_, table)| format!("{}.{}", names.schema, table))
+    .collect();
+    if !missing.is_empty() {
+        return Err(Error::config(format!(
+            "the outbox tables {} do not exist: run the migration \
+             (PgStore::builder(pool).migrate(true)) or apply the crate's sql/schema.sql",
+            missing.join(", ")
+        )));
+    }
+    check_partition_rows(&mut conn, names, statements, partitions).await
+}
+
+async fn check_partition_rows(
+    conn: &mut PgConnection,
+    names: &Names,
+    statements: &Statements,
+    partitions: u32,
+) -> Result<()> {
+    let (count, min, max): (i64, i32, i32) = sqlx::query_as(sql(&statements.partition_check))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| db_error("count the partitions", e))?;
+    let table = format!("{}.{}", names.schema, names.partitions);
+    if count == 0 {
+        return Err(Error::config(format!(
+            "{table} holds no partitions: run the migration or apply the crate's sql/schema.sql"
+        )));
+    }
+    let expected_max = i64::from(partitions) - 1;
+    if count != i64::from(partitions) || min != 0 || i64::from(max) != expected_max {
+        return Err(Error::config(format!(
+            "the store is configured with {partitions} partitions but {table} holds {count} \
+             (numbered {min}..={max}); the partition count cannot change once messages were \
+             written: configure .partitions({count})"
+        )));
+    }
+    Ok(())
+}
+
+fn message_from_row(row: &PgRow) -> std::result::Result<Message, sqlx::Error> {
+    let partition: i32 = row.try_get("partition")?;
+    let attempts: i32 = row.try_get("attempts")?;
+    Ok(Message {
+        id: MessageId::from_uuid(row.try_get::<Uuid, _>("id")?),
+        seq: row.try_get("seq")?,
+        topic: row.try_get("topic")?,
+        key: row.try_get("key")?,
+        payload: Bytes::from(row.try_get::<Vec<u8>, _>("payload")?),
+        headers: row.try_get::<Json<Headers>, _>("headers")?.0,
+        partition: u32::try_from(partition).map_err(|e| sqlx::Error::ColumnDecode {
+            index: "partition".into(),
+            source: Box::new(e),
+        })?,
+        created_at: row.try_get("created_at")?,
+        available_at: row.try_get("available_at")?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        last_error: row.try_get("last_error")?,
+    })
+}
+
+/// The lease as two arrays (partitions, tokens), without repeated pairs.
+fn lease_arrays(lease: &Lease) -> (Vec<i32>, Vec<i64>) {
+    let pairs: BTreeSet<(i32, i64)> = lease
+        .partitions
+        .iter()
+        // A partition number that does not fit is never held: the fence fails.
+        .map(|pl| (i32::try_from(pl.partition).unwrap_or(-1), pl.token))
+        .collect();
+    pairs.into_iter().unzip()
+}
+
+/// Postgres text cannot hold NUL characters.
+fn sanitize(text: &str) -> String {
+    text.replace('\0', "\u{fffd}")
+}
+
+fn conflict(lease: &Lease) -> Error {
+    Error::conflict(format!(
+        "the lease of {} on partitions {:?} is no longer held (expired or taken over)",
+        lease.owner,
+        lease
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.token))
+            .collect::<Vec<_>>()
+    ))
+}
+
+impl PgStore {
+    /// Write `messages` to the outbox inside the caller's transaction and return their ids, in
+    /// order. They become visible to relays when, and only if, the transaction commits; the
+    /// commit also wakes listening relays (`NOTIFY`).
+    ///
+    /// Pass the transaction's connection: `store.enqueue(&mut tx, ..)` with a
+    /// `sqlx::Transaction` works as is. One round trip for the whole batch.
+    ///
+    /// Errors: [`InvalidInput`](ErrorKind::InvalidInput) if any message is invalid (nothing is
+    /// written), [`NotInTransaction`](ErrorKind::NotInTransaction) if `conn` is not inside a
+    /// transaction, and the database's errors (which abort the caller's transaction, as any
+    /// failed statement does).
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[NewMessage],
+    ) -> Result<Vec<MessageId>> {
+        let inner = &self.inner;
+        for m in messages {
+            m.validate(&inner.limits)?;
+        }
+        if !conn.is_in_transaction() {
+            return Err(Error::new(
+                ErrorKind::NotInTransaction,
+                "enqueue needs a connection inside a transaction (pass &mut tx of a sqlx::Transaction)",
+            ));
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<MessageId> = messages.iter().map(|_| MessageId::new()).collect();
+        let partitions: Vec<u32> = messages
+            .iter()
+            .map(|m| partition_for(&m.key, inner.partitions))
+            .collect();
+        let (shared_locks, exclusive_locks) = self.lock_ids(messages, &partitions);
+        let row = sqlx::query(sql(&inner.sql.enqueue))
+            .bind(ids.iter().map(|id| id.as_uuid()).collect::<Vec<Uuid>>())
+            .bind(
+                messages
+                    .iter()
+                    .map(|m| m.topic.as_str())
+                    .collect::<Vec<&str>>(),
+            )
+            .bind(
+                messages
+                    .iter()
+                    .map(|m| m.key.as_str())
+                    .collect::<Vec<&str>>(),
+            )
+            .bind(
+                messages
+                    .iter()
+                    .map(|m| &m.payload[..])
+                    .collect::<Vec<&[u8]>>(),
+            )
+            .bind(
+                messages
+                    .iter()
+                    .map(|m| Json(&m.headers))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(partitions.iter().map(|p| *p as i32).collect::<Vec<i32>>())
+            .bind(messages.iter().map(|m| m.available_at).collect::<Vec<_>>())
+            .bind(shared_locks)
+            .bind(exclusive_locks)
+            .bind(&inner.channel)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| db_error("enqueue", e))?;
+        let inserted: i64 = row.try_get(0).map_err(|e| db_error("enqueue", e))?;
+        if usize::try_from(inserted).ok() != Some(messages.len()) {
+            return Err(Error::permanent(format!(
+                "enqueue inserted {inserted} of {} messages",
+                messages.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// The advisory locks an enqueue takes: (shared, exclusive), each sorted. A batch with few
+    /// keys takes its keys' stripes shared and its keys exclusive; a batch with many keys takes
+    /// its stripes exclusive. A key's stripe is its partition modulo [`LOCK_STRIPES`], so a
+    /// writer of a key always meets a concurrent writer of the same key, and one call takes at
+    /// most `2 * KEY_LOCK_LIMIT` or `LOCK_STRIPES` locks, whatever the batch.
+    fn lock_ids(&self, messages: &[NewMessage], partitions: &[u32]) -> (Vec<i64>, Vec<i64>) {
+        if !self.inner.key_locks {
+            return (Vec::new(), Vec::new());
+        }
+        let names = &self.inner.names;
+        let lock_id = |kind: &str, item: &[u8]| -> i64 {
+            let mut bytes = Vec::with_capacity(64 + item.len());
+            for part in [
+                b"outbox-postgres".as_slice(),
+                kind.as_bytes(),
+                names.schema.as_bytes(),
+                names.outbox.as_bytes(),
+                item,
+            ] {
+                bytes.extend_from_slice(part);
+                bytes.push(0);
+            }
+            fnv64(&bytes) as i64
+        };
+        let keys: BTreeSet<&str> = messages.iter().map(|m| m.key.as_str()).collect();
+        let stripes: BTreeSet<u32> = partitions.iter().map(|p| p % LOCK_STRIPES).collect();
+        let stripe_locks = || -> Vec<i64> {
+            let mut v: Vec<i64> = stripes
+                .iter()
+                .map(|s| lock_id("stripe", &s.to_be_bytes()))
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        if keys.len() <= KEY_LOCK_LIMIT {
+            let mut key_locks: Vec<i64> =
+                keys.iter().map(|k| lock_id("key", k.as_bytes())).collect();
+            key_locks.sort_unstable();
+            key_locks.dedup();
+            (stripe_locks(), key_locks)
+        } else {
+            (Vec::new(), stripe_locks())
+        }
+    }
+
+    /// Record that `consumer` handled message `id`, inside the caller's transaction (the one
+    /// that applies the handler's effects). [`Seen::Duplicate`] if a committed transaction (or
+    /// this one) already recorded it. A concurrent transaction recording the same pair waits
+    /// for this one to finish.
+    ///
+    /// Errors: [`NotInTransaction`](ErrorKind::NotInTransaction) outside a transaction,
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a consumer name with a NUL character.
+    pub async fn record(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        id: MessageId,
+    ) -> Result<Seen> {
+        if consumer.contains('\0') {
+            return Err(Error::invalid("the consumer name contains a NUL character"));
+        }
+        if !conn.is_in_transaction() {
+            return Err(Error::new(
+                ErrorKind::NotInTransaction,
+                "inbox records must be written inside the handler's transaction",
+            ));
+        }
+        let done = sqlx::query(sql(&self.inner.sql.record))
+            .bind(consumer)
+            .bind(id.as_uuid())
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db_error("record in the inbox", e))?;
+        Ok(if done.rows_affected() == 1 {
+            Seen::First
+        } else {
+            Seen::Duplicate
+        })
+    }
+
+    /// Delete, in statements of at most [`PURGE_CHUNK`] rows, up to `limit` rows that
+    /// `statement` (bound with `before` and a chunk size) selects.
+    async fn purge_chunks(
+        &self,
+        statement: &std::sync::Arc<str>,
+        what: &str,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64> {
+        let mut left = u64::try_from(limit).unwrap_or(u64::MAX);
+        let mut total = 0;
+        while left > 0 {
+            let chunk = left.min(PURGE_CHUNK);
+            let deleted = sqlx::query(sql(statement))
+                .bind(before)
+                .bind(chunk as i64)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(|e| db_error(what, e))?
+                .rows_affected();
+            total += deleted;
+            left -= deleted.min(left);
+            if deleted < chunk {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    async fn fenced(
+        &self,
+        what: &str,
+        lease: &Lease,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<u64> {
+        let row = query
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(|e| db_error(what, e))?;
+        let held: bool = row.try_get("held").map_err(|e| db_error(what, e))?;
+        if !held {
+            return Err(conflict(lease));
+        }
+        let marked: i64 = row.try_get("marked").map_err(|e| db_error(what, e))?;
+        Ok(marked.max(0) as u64)
+    }
+
+    async fn requeue_with(
+        &self,
+        what: &str,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<u64> {
+        let n: i64 = query
+            .fetch_one(&self.inner.pool)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| db_error(what, e))?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+#[async_trait]
+impl Transactional for PgStore {
+    type Tx = sqlx::Transaction<'static, Postgres>;
+
+    async fn begin(&self) -> Result<Self::Tx> {
+        self.inner
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db_error("begin", e))
+    }
+
+    async fn commit(&self, tx: Self::Tx) -> Result<()> {
+        tx.commit().await.map_err(|e| db_error("commit", e))
+    }
+
+    async fn rollback(&self, tx: Self::Tx) -> Result<()> {
+        tx.rollback().await.map_err(|e| db_error("rollback", e))
+    }
+}
+
+#[async_trait]
+impl Enqueue for PgStore {
+    async fn enqueue(&self, tx: &mut Self::Tx, messages: &[NewMessage]) -> Result<Vec<MessageId>> {
+        PgStore::enqueue(self, tx, messages).await
+    }
+}
+
+#[async_trait]
+impl Inbox for PgStore {
+    async fn record(&self, tx: &mut Self::Tx, consumer: &str, id: MessageId) -> Result<Seen> {
+        PgStore::record(self, tx, consumer, id).await
+    }
+
+    async fn purge_inbox(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        self.purge_chunks(
+            &self.inner.sql.purge_inbox,
+            "purge the inbox",
+            before,
+            limit,
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claim>> {
+        let lease_micros = i64::try_from(request.lease.as_micros())
+            .map_err(|_| Error::invalid("lease too long"))?;
+        let rows = sqlx::query(sql(&self.inner.sql.claim))
+            .bind(&request.owner)
+            .bind(clamp(request.max_partitions.max(1)))
+            .bind(clamp(request.max_messages.max(1)))
+            .bind(lease_micros)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("claim", e))?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let expires_at: DateTime<Utc> = first
+            .try_get("lease_until")
+            .map_err(|e| db_error("claim", e))?;
+        let mut tokens: BTreeMap<u32, i64> = BTreeMap::new();
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let message = message_from_row(row).map_err(|e| db_error("claim", e))?;
+            let token: i64 = row.try_get("token").map_err(|e| db_error("claim", e))?;
+            tokens.insert(message.partition, token);
+            messages.push(message);
+        }
+        Ok(Some(Claim {
+            lease: Lease {
+                owner: request.owner.clone(),
+                partitions: tokens
+                    .into_iter()
+                    .map(|(partition, token)| PartitionLease { partition, token })
+                    .collect(),
+                expires_at,
+            },
+            messages,
+        }))
+    }
+
+    async fn ack(&self, lease: &Lease, ids: &[MessageId]) -> Result<()> {
+        let (partitions, tokens) = lease_arrays(lease);
+        let query = sqlx::query(sql(&self.inner.sql.ack))
+            .bind(&lease.owner)
+            .bind(partitions)
+            .bind(tokens)
+            .bind(ids.iter().map(|id| id.as_uuid()).collect::<Vec<Uuid>>());
+        self.fenced("ack", lease, query).await.map(|_| ())
+    }
+
+    async fn fail(&self, lease: &Lease, failures: &[Failure]) -> Result<()> {
+        // Several failures of one message apply in order, as separate calls would: each counts
+        // an attempt, the last error and retry time win, and nothing applies after the one that
+        // dead-letters it.
+        struct Folded {
+            n: i32,
+            error: String,
+            retry_at: Option<DateTime<Utc>>,
+        }
+        let mut order: Vec<MessageId> = Vec::new();
+        let mut folded: HashMap<MessageId, Folded> = HashMap::new();
+        for f in failures {
+            match folded.get_mut(&f.id) {
+                Some(prev) if prev.retry_at.is_none() => {}
+                Some(prev) => {
+                    prev.n = prev.n.saturating_add(1);
+                    prev.error = sanitize(&f.error);
+                    prev.retry_at = f.retry_at;
+                }
+                None => {
+                    order.push(f.id);
+                    folded.insert(
+                        f.id,
+                        Folded {
+                            n: 1,
+                            error: sanitize(&f.error),
+                            retry_at: f.retry_at,
+                        },
+                    );
+                }
+            }
+        }
+        let mut ids = Vec::with_capacity(order.len());
+        let mut errors = Vec::with_capacity(order.len());
+        let mut retry_at = Vec::with_capacity(order.len());
+        let mut counts = Vec::with_capacity(order.len());
+        for id in order {
+            let f = folded.remove(&id).expect("every id was folded");
+            ids.push(id.as_uuid());
+            errors.push(f.error);
+            retry_at.push(f.retry_at);
+            counts.push(f.n);
+        }
+        let (partitions, tokens) = lease_arrays(lease);
+        let query = sqlx::query(sql(&self.inner.sql.fail))
+            .bind(&lease.owner)
+            .bind(partitions)
+            .bind(tokens)
+            .bind(ids)
+            .bind(errors)
+            .bind(retry_at)
+            .bind(counts);
+        self.fenced("record failures", lease, query)
+            .await
+            .map(|_| ())
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let (partitions, tokens) = lease_arrays(lease);
+        sqlx::query(sql(&self.inner.sql.release))
+            .bind(&lease.owner)
+            .bind(partitions)
+            .bind(tokens)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("release", e))?;
+        Ok(())
+    }
+
+    async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        self.purge_chunks(&self.inner.sql.purge, "purge", before, limit)
+            .await
+    }
+
+    async fn stats(&self) -> Result<BacklogStats> {
+        let (pending, dead, published, oldest_pending): (i64, i64, i64, Option<DateTime<Utc>>) =
+            sqlx::query_as(sql(&self.inner.sql.stats))
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(|e| db_error("stats", e))?;
+        Ok(BacklogStats {
+            pending: pending.max(0) as u64,
+            dead: dead.max(0) as u64,
+            published: published.max(0) as u64,
+            oldest_pending,
+        })
+    }
+
+    fn wake_ups(&self) -> Option<watch::Receiver<u64>> {
+        let mut listener = self
+            .inner
+            .listener
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if listener.is_none() {
+            *listener = Listener::start(
+                (*self.inner.pool.connect_options()).clone(),
+                self.inner.channel.clone(),
+            );
+        }
+        listener.as_ref().map(|l| l.sender.subscribe())
+    }
+}
+
+#[async_trait]
+impl DeadLetters for PgStore {
+    async fn list_dead(&self, topic: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(sql(&self.inner.sql.list_dead))
+            .bind(topic)
+            .bind(clamp(limit))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("list dead letters", e))?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    message: message_from_row(row)?,
+                    dead_at: row.try_get("dead_at")?,
+                })
+            })
+            .collect::<std::result::Result<_, sqlx::Error>>()
+            .map_err(|e| db_error("list dead letters", e))
+    }
+
+    async fn requeue(&self, ids: &[MessageId]) -> Result<u64> {
+        let query = sqlx::query(sql(&self.inner.sql.requeue))
+            .bind(ids.iter().map(|id| id.as_uuid()).collect::<Vec<Uuid>>())
+            .bind(&self.inner.channel);
+        self.requeue_with("requeue dead letters", query).await
+    }
+
+    async fn requeue_topic(&self, topic: &str) -> Result<u64> {
+        let query = sqlx::query(sql(&self.inner.sql.requeue_topic))
+            .bind(topic)
+            .bind(&self.inner.channel);
+        self.requeue_with("requeue dead letters", query).await
+    }
+
+    async fn delete_dead(&self, ids: &[MessageId]) -> Result<u64> {
+        let done = sqlx::query(sql(&self.inner.sql.delete_dead))
+            .bind(ids.iter().map(|id| id.as_uuid()).collect::<Vec<Uuid>>())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("delete dead letters", e))?;
+        Ok(done.rows_affected())
+    }
+}
