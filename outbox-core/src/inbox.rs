@@ -82,7 +82,8 @@ where
     }
     if let Err(e) = handler(&mut tx, delivery.message()).await {
         let _ = inbox.rollback(tx).await;
-        let err = Error::new(ErrorKind::Transient, format!("handler for {id} failed")).with_source(e);
+        let err =
+            Error::new(ErrorKind::Transient, format!("handler for {id} failed")).with_source(e);
         return Err(nack_after(delivery, err).await);
     }
     if let Err(e) = inbox.commit(tx).await {

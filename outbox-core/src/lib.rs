@@ -24,8 +24,8 @@ pub use message::{
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig, RelayStats};
 pub use retry::{RetryDecision, RetryPolicy};
 pub use store::{
-    BacklogStats, Claim, ClaimRequest, DeadLetters, Enqueue, Failure, Lease, PartitionLease,
-    Store, Transactional,
+    BacklogStats, Claim, ClaimRequest, DeadLetters, Enqueue, Failure, Lease, PartitionLease, Store,
+    Transactional,
 };
 
 pub use async_trait::async_trait;

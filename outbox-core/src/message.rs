@@ -102,7 +102,11 @@ pub struct NewMessage {
 
 impl NewMessage {
     /// A message for `topic` with ordering `key` and `payload`.
-    pub fn new(topic: impl Into<String>, key: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+    pub fn new(
+        topic: impl Into<String>,
+        key: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
         NewMessage {
             topic: topic.into(),
             key: key.into(),
@@ -135,7 +139,11 @@ impl NewMessage {
                 limit: limits.max_topic_bytes,
             });
         }
-        if self.topic.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if self
+            .topic
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+        {
             return Err(ValidationError::BadTopic(self.topic.clone()));
         }
         if self.key.len() > limits.max_key_bytes {
@@ -173,11 +181,15 @@ fn validate_header_name(name: &str) -> Result<(), ValidationError> {
     let ok = !name.is_empty()
         && name.len() <= 255
         && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
-        && !name.to_ascii_lowercase().starts_with(RESERVED_HEADER_PREFIX);
+        && !name
+            .to_ascii_lowercase()
+            .starts_with(RESERVED_HEADER_PREFIX);
     if ok {
         Ok(())
     } else {
-        Err(ValidationError::BadHeaderName(name.chars().take(64).collect()))
+        Err(ValidationError::BadHeaderName(
+            name.chars().take(64).collect(),
+        ))
     }
 }
 

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rand::SeedableRng;
 use metrics::{counter, gauge, histogram};
+use rand::SeedableRng;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -147,6 +147,7 @@ struct Counters {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     leases_lost: AtomicU64,
+    lease_starved: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -163,6 +164,8 @@ pub struct RelayStats {
     pub dead_lettered: u64,
     /// Batches whose lease was lost before the ack (their messages are published again).
     pub leases_lost: u64,
+    /// Batches cut short because the lease was nearly over before publishing finished.
+    pub lease_starved: u64,
     /// Store or broker errors the relay backed off from.
     pub errors: u64,
 }
@@ -241,6 +244,7 @@ impl Relay {
             retried: c.retried.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             leases_lost: c.leases_lost.load(Ordering::Relaxed),
+            lease_starved: c.lease_starved.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
         }
     }
@@ -289,21 +293,31 @@ impl Relay {
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
         for wave in waves(&claim.messages) {
-            let batch: Vec<Message> = wave
+            let batch: Vec<&Message> = wave
                 .into_iter()
                 .filter(|m| !blocked.contains(m.key.as_str()))
-                .cloned()
                 .collect();
             if batch.is_empty() {
                 continue;
             }
             if Instant::now() >= deadline {
-                debug!("lease nearly over; leaving the rest of the batch");
+                inner.counters.lease_starved.fetch_add(1, Ordering::Relaxed);
+                counter!("outbox_lease_starved_total").increment(1);
+                warn!(
+                    lease = ?cfg.lease,
+                    "the lease is nearly over before publishing finished; the rest of the batch \
+                     waits for the next claim (lengthen the lease or shrink the batch)"
+                );
                 break;
             }
-            let outcomes = inner.broker.publish(&batch).await;
-            for (i, message) in batch.iter().enumerate() {
-                let outcome = outcomes.get(i).cloned_result();
+            let owned: Vec<Message> = batch.iter().map(|m| (*m).clone()).collect();
+            let mut outcomes = inner.broker.publish(&owned).await.into_iter();
+            for message in &batch {
+                let outcome = outcomes.next().unwrap_or_else(|| {
+                    Err(Error::transient(
+                        "the broker returned fewer outcomes than messages",
+                    ))
+                });
                 match outcome {
                     Ok(()) => {
                         published.push(message.id);
@@ -314,13 +328,7 @@ impl Relay {
                         }
                     }
                     Err(error) => {
-                        let key = claim
-                            .messages
-                            .iter()
-                            .find(|m| m.id == message.id)
-                            .map(|m| m.key.as_str())
-                            .unwrap_or_default();
-                        blocked.insert(key);
+                        blocked.insert(message.key.as_str());
                         let attempts = message.attempts.saturating_add(1);
                         let permanent = error.kind() == ErrorKind::Permanent;
                         let retry_at = match cfg.retry.decide(attempts, permanent, &mut rng) {
@@ -346,16 +354,21 @@ impl Relay {
         }
         report.deferred = report.claimed - published.len() - failures.len();
 
-        let settled = self.settle(&claim.lease, &published, &failures).await;
-        if let Err(e) = inner.store.release(&claim.lease).await {
-            debug!(error = %e, "lease release failed; it expires by itself");
+        let settled =
+            retry_transient(|| inner.store.settle(&claim.lease, &published, &failures)).await;
+        if settled.is_err() {
+            if let Err(e) = inner.store.release(&claim.lease).await {
+                debug!(error = %e, "lease release failed; it expires by itself");
+            }
         }
         match settled {
             Ok(()) => {
                 report.published = published.len();
                 let c = &inner.counters;
-                c.published.fetch_add(published.len() as u64, Ordering::Relaxed);
-                c.retried.fetch_add(report.retried as u64, Ordering::Relaxed);
+                c.published
+                    .fetch_add(published.len() as u64, Ordering::Relaxed);
+                c.retried
+                    .fetch_add(report.retried as u64, Ordering::Relaxed);
                 c.dead_lettered
                     .fetch_add(report.dead_lettered as u64, Ordering::Relaxed);
                 counter!("outbox_published_total").increment(published.len() as u64);
@@ -375,22 +388,6 @@ impl Relay {
         }
     }
 
-    async fn settle(
-        &self,
-        lease: &crate::Lease,
-        published: &[crate::MessageId],
-        failures: &[Failure],
-    ) -> Result<()> {
-        let store = &self.inner.store;
-        if !published.is_empty() {
-            retry_transient(|| store.ack(lease, published)).await?;
-        }
-        if !failures.is_empty() {
-            retry_transient(|| store.fail(lease, failures)).await?;
-        }
-        Ok(())
-    }
-
     /// Run until `shutdown` resolves: `concurrency` claim loops plus housekeeping (purge,
     /// backlog gauges). On shutdown, batches in flight finish publishing and acking, and their
     /// leases are released. Returns the counters.
@@ -408,10 +405,10 @@ impl Relay {
         shutdown.await;
         let _ = stop_tx.send(true);
         while let Some(joined) = tasks.join_next().await {
-            if let Err(e) = joined {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
-                }
+            if let Err(e) = joined
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
             }
         }
         Ok(self.stats())
@@ -511,22 +508,6 @@ impl Relay {
     }
 }
 
-trait ClonedResult {
-    fn cloned_result(self) -> Result<()>;
-}
-
-impl ClonedResult for Option<&Result<()>> {
-    fn cloned_result(self) -> Result<()> {
-        match self {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(Error::new(e.kind(), e.to_string())),
-            None => Err(Error::transient(
-                "the broker returned fewer outcomes than messages",
-            )),
-        }
-    }
-}
-
 /// Split a claim into waves: wave `i` holds the `i`-th message of each key. Waves are
 /// published one after the other, so a key never has two messages in flight.
 fn waves(messages: &[Message]) -> Vec<Vec<&Message>> {
@@ -586,9 +567,18 @@ mod tests {
 
     #[test]
     fn waves_hold_one_message_per_key_in_order() {
-        let ms = vec![msg("a", 1), msg("b", 2), msg("a", 3), msg("a", 4), msg("c", 5)];
+        let ms = vec![
+            msg("a", 1),
+            msg("b", 2),
+            msg("a", 3),
+            msg("a", 4),
+            msg("c", 5),
+        ];
         let w = waves(&ms);
-        let seqs: Vec<Vec<i64>> = w.iter().map(|w| w.iter().map(|m| m.seq).collect()).collect();
+        let seqs: Vec<Vec<i64>> = w
+            .iter()
+            .map(|w| w.iter().map(|m| m.seq).collect())
+            .collect();
         assert_eq!(seqs, vec![vec![1, 2, 5], vec![3], vec![4]]);
     }
 

@@ -121,6 +121,26 @@ pub trait Store: Send + Sync + 'static {
     /// not an error.
     async fn release(&self, lease: &Lease) -> Result<()>;
 
+    /// Settle a batch: [`ack`](Store::ack) `published`, record `failures` with
+    /// [`fail`](Store::fail), then [`release`](Store::release) the lease — fenced like `ack`:
+    /// with a lost lease nothing is marked and the error is a conflict. The relay calls this
+    /// once per batch. The default makes the three calls; stores override it to do the work in
+    /// one transaction or round trip.
+    async fn settle(
+        &self,
+        lease: &Lease,
+        published: &[MessageId],
+        failures: &[Failure],
+    ) -> Result<()> {
+        if !published.is_empty() {
+            self.ack(lease, published).await?;
+        }
+        if !failures.is_empty() {
+            self.fail(lease, failures).await?;
+        }
+        self.release(lease).await
+    }
+
     /// Delete up to `limit` published messages published before `before`; returns how many.
     /// Pending and dead-lettered messages are never purged.
     async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;

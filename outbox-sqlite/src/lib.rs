@@ -25,11 +25,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    BacklogStats, Claim, ClaimRequest, DeadLetter, DeadLetters, Enqueue, Error, ErrorKind,
-    Failure, Headers, Inbox, Lease, Limits, Message, MessageId, NewMessage, PartitionLease,
-    Result, Seen, Store, Transactional, partition_for,
+    BacklogStats, Claim, ClaimRequest, DeadLetter, DeadLetters, Enqueue, Error, ErrorKind, Failure,
+    Headers, Inbox, Lease, Limits, Message, MessageId, NewMessage, PartitionLease, Result, Seen,
+    Store, Transactional, partition_for,
 };
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use tokio::sync::{mpsc, watch};
 
@@ -44,6 +46,11 @@ pub fn migrator() -> sqlx::migrate::Migrator {
 /// Connect options suited to the outbox: create the file if missing, WAL journal,
 /// `synchronous = NORMAL` (durable across application crashes; WAL), a 10 s busy timeout.
 pub fn connect_options(url: &str) -> Result<SqliteConnectOptions> {
+    if !url.starts_with("sqlite:") {
+        return Err(Error::config(format!(
+            "not a SQLite URL: {url:?} (expected sqlite://path/to/file.db or sqlite::memory:)"
+        )));
+    }
     Ok(SqliteConnectOptions::from_str(url)
         .map_err(|e| Error::config(format!("bad SQLite URL {url:?}")).with_source(e))?
         .create_if_missing(true)
@@ -70,7 +77,9 @@ pub fn map_error(e: sqlx::Error) -> Error {
         | sqlx::Error::WorkerCrashed => ErrorKind::Transient,
         sqlx::Error::Database(db) => match db.code().as_deref() {
             // SQLITE_BUSY, SQLITE_LOCKED (and their extended codes)
-            Some(code) if code == "5" || code == "6" || code.ends_with("05") || code.ends_with("06") => {
+            Some(code)
+                if code == "5" || code == "6" || code.ends_with("05") || code.ends_with("06") =>
+            {
                 ErrorKind::Transient
             }
             _ => ErrorKind::Permanent,
@@ -204,7 +213,9 @@ fn row_to_message(row: &SqliteRow) -> Result<Message> {
     let partition: i64 = row.try_get("partition").map_err(map_error)?;
     let attempts: i64 = row.try_get("attempts").map_err(map_error)?;
     Ok(Message {
-        id: id.parse().map_err(|e| Error::permanent("corrupt id in the outbox table").with_source(e))?,
+        id: id
+            .parse()
+            .map_err(|e| Error::permanent("corrupt id in the outbox table").with_source(e))?,
         seq: row.try_get("seq").map_err(map_error)?,
         topic: row.try_get("topic").map_err(map_error)?,
         key: row.try_get("key").map_err(map_error)?,
@@ -289,7 +300,11 @@ impl SqliteStore {
                 "INSERT INTO outbox (id, topic, key, payload, headers, partition, created_at, available_at) VALUES ",
             );
             for i in 0..chunk.len() {
-                sql.push_str(if i == 0 { "(?,?,?,?,?,?,?,?)" } else { ",(?,?,?,?,?,?,?,?)" });
+                sql.push_str(if i == 0 {
+                    "(?,?,?,?,?,?,?,?)"
+                } else {
+                    ",(?,?,?,?,?,?,?,?)"
+                });
             }
             // The text holds only placeholders; every value is bound.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -343,6 +358,97 @@ impl SqliteStore {
                     pl.partition, pl.token, lease.owner
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// In one write transaction, after checking that `lease` is still held: ack `published`,
+    /// record `failures`, and release the lease if asked.
+    async fn fenced(
+        &self,
+        lease: &Lease,
+        published: &[MessageId],
+        failures: &[Failure],
+        release: bool,
+    ) -> Result<()> {
+        let now = micros(Utc::now());
+        let mut tx = self.immediate().await?;
+        Self::check_lease(&mut tx, lease, now).await?;
+        if !published.is_empty() {
+            Self::ack_in(&mut tx, lease, published, now).await?;
+        }
+        if !failures.is_empty() {
+            Self::fail_in(&mut tx, lease, failures, now).await?;
+        }
+        if release {
+            Self::release_in(&mut tx, lease, now).await?;
+        }
+        tx.commit().await.map_err(map_error)
+    }
+
+    async fn ack_in(
+        conn: &mut SqliteConnection,
+        lease: &Lease,
+        ids: &[MessageId],
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE outbox SET published_at = ? WHERE id IN (SELECT value FROM json_each(?)) \
+             AND partition IN (SELECT value FROM json_each(?)) \
+             AND published_at IS NULL AND dead_at IS NULL",
+        )
+        .bind(now)
+        .bind(json_list(ids.iter()))
+        .bind(partitions_json(lease))
+        .execute(conn)
+        .await
+        .map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn fail_in(
+        conn: &mut SqliteConnection,
+        lease: &Lease,
+        failures: &[Failure],
+        now: i64,
+    ) -> Result<()> {
+        let parts = partitions_json(lease);
+        for f in failures {
+            sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, \
+                 available_at = coalesce(?, available_at), dead_at = ? \
+                 WHERE id = ? AND partition IN (SELECT value FROM json_each(?)) \
+                 AND published_at IS NULL AND dead_at IS NULL",
+            )
+            .bind(&f.error)
+            .bind(f.retry_at.map(micros))
+            .bind(if f.retry_at.is_none() {
+                Some(now)
+            } else {
+                None
+            })
+            .bind(f.id.to_string())
+            .bind(&parts)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_error)?;
+        }
+        Ok(())
+    }
+
+    async fn release_in(conn: &mut SqliteConnection, lease: &Lease, now: i64) -> Result<()> {
+        for pl in &lease.partitions {
+            sqlx::query(
+                "UPDATE outbox_partitions SET owner = NULL, lease_until = ? \
+                 WHERE partition = ? AND token = ? AND owner = ?",
+            )
+            .bind(now)
+            .bind(i64::from(pl.partition))
+            .bind(pl.token)
+            .bind(&lease.owner)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_error)?;
         }
         Ok(())
     }
@@ -448,7 +554,10 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(map_error)?;
-        let messages = rows.iter().map(row_to_message).collect::<Result<Vec<_>>>()?;
+        let messages = rows
+            .iter()
+            .map(row_to_message)
+            .collect::<Result<Vec<_>>>()?;
         let used: std::collections::BTreeSet<u32> = messages.iter().map(|m| m.partition).collect();
         let expires_at = now_t + lease_len;
         let mut partitions = Vec::with_capacity(used.len());
@@ -464,7 +573,10 @@ impl Store for SqliteStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(map_error)?;
-            partitions.push(PartitionLease { partition: p, token });
+            partitions.push(PartitionLease {
+                partition: p,
+                token,
+            });
         }
         tx.commit().await.map_err(map_error)?;
         Ok(Some(Claim {
@@ -478,64 +590,27 @@ impl Store for SqliteStore {
     }
 
     async fn ack(&self, lease: &Lease, ids: &[MessageId]) -> Result<()> {
-        let now = micros(Utc::now());
-        let mut tx = self.immediate().await?;
-        Self::check_lease(&mut tx, lease, now).await?;
-        sqlx::query(
-            "UPDATE outbox SET published_at = ? WHERE id IN (SELECT value FROM json_each(?)) \
-             AND partition IN (SELECT value FROM json_each(?)) \
-             AND published_at IS NULL AND dead_at IS NULL",
-        )
-        .bind(now)
-        .bind(json_list(ids.iter()))
-        .bind(partitions_json(lease))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_error)?;
-        tx.commit().await.map_err(map_error)
+        self.fenced(lease, ids, &[], false).await
     }
 
     async fn fail(&self, lease: &Lease, failures: &[Failure]) -> Result<()> {
-        let now = micros(Utc::now());
-        let mut tx = self.immediate().await?;
-        Self::check_lease(&mut tx, lease, now).await?;
-        let parts = partitions_json(lease);
-        for f in failures {
-            sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, \
-                 available_at = coalesce(?, available_at), dead_at = ? \
-                 WHERE id = ? AND partition IN (SELECT value FROM json_each(?)) \
-                 AND published_at IS NULL AND dead_at IS NULL",
-            )
-            .bind(&f.error)
-            .bind(f.retry_at.map(micros))
-            .bind(if f.retry_at.is_none() { Some(now) } else { None })
-            .bind(f.id.to_string())
-            .bind(&parts)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_error)?;
-        }
-        tx.commit().await.map_err(map_error)
+        self.fenced(lease, &[], failures, false).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let now = micros(Utc::now());
         let mut tx = self.immediate().await?;
-        for pl in &lease.partitions {
-            sqlx::query(
-                "UPDATE outbox_partitions SET owner = NULL, lease_until = ? \
-                 WHERE partition = ? AND token = ? AND owner = ?",
-            )
-            .bind(now)
-            .bind(i64::from(pl.partition))
-            .bind(pl.token)
-            .bind(&lease.owner)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_error)?;
-        }
+        Self::release_in(&mut tx, lease, micros(Utc::now())).await?;
         tx.commit().await.map_err(map_error)
+    }
+
+    /// Ack, fail and release in one `BEGIN IMMEDIATE` transaction: one write lock per batch.
+    async fn settle(
+        &self,
+        lease: &Lease,
+        published: &[MessageId],
+        failures: &[Failure],
+    ) -> Result<()> {
+        self.fenced(lease, published, failures, true).await
     }
 
     async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {

@@ -36,9 +36,9 @@ pub fn url_or_skip(backend: &str) -> Option<String> {
                      point it at a running server"
                 );
             }
-            eprintln!(
-                "\n*** SKIPPED: {backend} tests did not run: set {var} (or OUTBOX_TEST_REQUIRE={backend} to make this an error) ***\n"
-            );
+            loud(&format!(
+                "{backend} tests did not run: set {var} (or OUTBOX_TEST_REQUIRE={backend} to make this an error)"
+            ));
             None
         }
     }
@@ -50,6 +50,13 @@ pub fn unreachable_or_skip<E: std::fmt::Display>(backend: &str, url: &str, error
     if required(backend) {
         panic!("{backend} is required (OUTBOX_TEST_REQUIRE) but {url} is unreachable: {error}");
     }
-    eprintln!("\n*** SKIPPED: {backend} at {url} is unreachable: {error} ***\n");
+    loud(&format!("{backend} at {url} is unreachable: {error}"));
     None
+}
+
+/// Print a skip notice straight to the process's stderr: the test harness captures
+/// `eprintln!`, and a skip must be seen.
+fn loud(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {what} ***\n");
 }

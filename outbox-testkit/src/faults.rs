@@ -53,6 +53,12 @@ pub enum Fault {
     Crash,
 }
 
+struct RandomFaults {
+    rng: StdRng,
+    rate: f64,
+    faults: Vec<(Op, Fault)>,
+}
+
 #[derive(Default)]
 struct Script {
     steps: VecDeque<Option<Fault>>,
@@ -62,7 +68,7 @@ struct Script {
 #[derive(Clone)]
 pub struct FaultPlan {
     script: Arc<Mutex<Script>>,
-    random: Arc<Mutex<Option<(StdRng, f64, Vec<(Op, Fault)>)>>>,
+    random: Arc<Mutex<Option<RandomFaults>>>,
     ops: Arc<Mutex<Option<Vec<Op>>>>,
     crashed: Arc<Notify>,
     injected: Arc<AtomicU64>,
@@ -98,8 +104,11 @@ impl FaultPlan {
     /// that applies to its op. Reproducible from `seed`.
     pub fn random(seed: u64, rate: f64, faults: &[(Op, Fault)]) -> Self {
         let plan = Self::none();
-        *plan.random.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((StdRng::seed_from_u64(seed), rate.clamp(0.0, 1.0), faults.to_vec()));
+        *plan.random.lock().unwrap_or_else(|p| p.into_inner()) = Some(RandomFaults {
+            rng: StdRng::seed_from_u64(seed),
+            rate: rate.clamp(0.0, 1.0),
+            faults: faults.to_vec(),
+        });
         plan
     }
 
@@ -112,12 +121,16 @@ impl FaultPlan {
     /// Take over `other`'s script, op filter and random plan (the crash signal and counter
     /// stay this plan's), so a running wrapper gets new faults.
     pub fn replace_with(&self, other: &FaultPlan) {
-        let steps = std::mem::take(&mut other.script.lock().unwrap_or_else(|p| p.into_inner()).steps);
+        let steps =
+            std::mem::take(&mut other.script.lock().unwrap_or_else(|p| p.into_inner()).steps);
         self.script.lock().unwrap_or_else(|p| p.into_inner()).steps = steps;
         *self.ops.lock().unwrap_or_else(|p| p.into_inner()) =
             other.ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        *self.random.lock().unwrap_or_else(|p| p.into_inner()) =
-            other.random.lock().unwrap_or_else(|p| p.into_inner()).take();
+        *self.random.lock().unwrap_or_else(|p| p.into_inner()) = other
+            .random
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     /// Stop injecting faults (the random plan and what is left of the script).
@@ -136,16 +149,16 @@ impl FaultPlan {
         self.injected.load(Ordering::Relaxed)
     }
 
-    /// Resolves when a [`Fault::Crash`] is injected.
+    /// Resolves when a [`Fault::Crash`] is injected (or was, since the last call returned).
     pub async fn crashed(&self) {
         self.crashed.notified().await
     }
 
     fn next(&self, op: Op) -> Option<Fault> {
-        if let Some(ops) = &*self.ops.lock().unwrap_or_else(|p| p.into_inner()) {
-            if !ops.contains(&op) {
-                return None;
-            }
+        if let Some(ops) = &*self.ops.lock().unwrap_or_else(|p| p.into_inner())
+            && !ops.contains(&op)
+        {
+            return None;
         }
         let scripted = self
             .script
@@ -158,7 +171,7 @@ impl FaultPlan {
             None => {
                 let mut random = self.random.lock().unwrap_or_else(|p| p.into_inner());
                 match random.as_mut() {
-                    Some((rng, rate, faults)) => {
+                    Some(RandomFaults { rng, rate, faults }) => {
                         let fitting: Vec<Fault> = faults
                             .iter()
                             .filter(|(o, _)| *o == op)
@@ -183,7 +196,9 @@ impl FaultPlan {
     async fn before(&self, op: Op, lease_end: Option<DateTime<Utc>>) -> Result<Option<Fault>> {
         let fault = self.next(op);
         match fault {
-            Some(Fault::FailBefore) => Err(Error::transient(format!("injected fault before {op:?}"))),
+            Some(Fault::FailBefore) => {
+                Err(Error::transient(format!("injected fault before {op:?}")))
+            }
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
                 Ok(fault)
@@ -196,7 +211,8 @@ impl FaultPlan {
                 Ok(fault)
             }
             Some(Fault::Crash) => {
-                self.crashed.notify_waiters();
+                // A stored permit: the driver may start waiting only after this point.
+                self.crashed.notify_one();
                 std::future::pending::<()>().await;
                 unreachable!("a crashed call never resumes")
             }
@@ -251,7 +267,10 @@ impl<S: Store> Store for FaultyStore<S> {
         after(f, Op::Fail, self.inner.fail(lease, failures).await)
     }
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let f = self.plan.before(Op::Release, Some(lease.expires_at)).await?;
+        let f = self
+            .plan
+            .before(Op::Release, Some(lease.expires_at))
+            .await?;
         after(f, Op::Release, self.inner.release(lease).await)
     }
     async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {

@@ -333,10 +333,15 @@ impl History {
             .into_iter()
             .collect();
         if !phantoms.is_empty() {
-            let rb = phantoms.iter().filter(|id| rolled_back.contains(id)).count();
+            let rb = phantoms
+                .iter()
+                .filter(|id| rolled_back.contains(id))
+                .count();
             violations.push(report(
                 Guarantee::NoPhantom,
-                &format!("published or delivered without a committed transaction ({rb} rolled back)"),
+                &format!(
+                    "published or delivered without a committed transaction ({rb} rolled back)"
+                ),
                 &phantoms,
                 phantoms.len(),
             ));
@@ -386,12 +391,12 @@ impl History {
                 let Some(pos) = commit_pos.get(id) else {
                     continue;
                 };
-                if let Some((prev_pos, prev_id)) = last.get(key.as_str()) {
-                    if pos < prev_pos {
-                        out_of_order.push(*id);
-                        out_of_order.push(*prev_id);
-                        continue;
-                    }
+                if let Some((prev_pos, prev_id)) = last.get(key.as_str())
+                    && pos < prev_pos
+                {
+                    out_of_order.push(*id);
+                    out_of_order.push(*prev_id);
+                    continue;
                 }
                 last.insert(key.as_str(), (*pos, *id));
             }
@@ -464,7 +469,10 @@ mod tests {
         h.committed([(i[0], "k".into()), (i[1], "k".into())]);
         for id in &i {
             h.record(Event::Published { id: *id });
-            h.record(Event::Delivered { id: *id, key: "k".into() });
+            h.record(Event::Delivered {
+                id: *id,
+                key: "k".into(),
+            });
         }
         assert_eq!(h.check(CheckOptions::default(), Some(&i)), Ok(()));
     }
@@ -478,7 +486,10 @@ mod tests {
         // i[2] lost; i[3] phantom; i[1] before i[0]; i[0] twice
         for id in [i[1], i[0], i[0], i[3]] {
             h.record(Event::Published { id });
-            h.record(Event::Delivered { id, key: "k".into() });
+            h.record(Event::Delivered {
+                id,
+                key: "k".into(),
+            });
         }
         let v = h
             .check(CheckOptions::default(), Some(&[i[0], i[0], i[1]]))
@@ -503,8 +514,14 @@ mod tests {
         let h = History::new();
         let i = ids(1);
         h.committed([(i[0], "k".into())]);
-        h.record(Event::Delivered { id: i[0], key: "k".into() });
-        h.record(Event::Delivered { id: i[0], key: "k".into() });
+        h.record(Event::Delivered {
+            id: i[0],
+            key: "k".into(),
+        });
+        h.record(Event::Delivered {
+            id: i[0],
+            key: "k".into(),
+        });
         let faults = CheckOptions {
             faults: true,
             ..CheckOptions::default()

@@ -18,12 +18,18 @@ pub mod history;
 pub mod memory;
 pub mod model;
 pub mod proxy;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod suites;
+mod with_effects;
 
 pub use faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op};
-pub use harness::{BrokerCapabilities, BrokerHarness, Effects, StoreCapabilities, StoreHarness, TestStore};
+pub use harness::{
+    BrokerCapabilities, BrokerHarness, Effects, StoreCapabilities, StoreHarness, TestStore,
+};
 pub use history::{CheckOptions, Event, Guarantee, History, Violation};
 pub use suites::{SuiteReport, run_broker_suite, run_e2e_suite, run_store_suite};
+pub use with_effects::{EffectsTable, WithEffects};
 
 #[doc(hidden)]
 pub use tokio as __tokio;
@@ -176,7 +182,9 @@ macro_rules! model_suite {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            let Some(harness) = rt.block_on($make()) else { return };
+            let Some(harness) = rt.block_on($make()) else {
+                return;
+            };
             $crate::model::check_model(&rt, &harness, $crate::model::cases_from_env(64));
         }
     };

@@ -94,7 +94,9 @@ impl BrokerHarness for MemoryBrokerHarness {
         Ok(Arc::new(self.broker.clone()))
     }
     async fn subscribe(&self, topic: &str) -> Result<Box<dyn Subscriber>> {
-        Ok(Box::new(self.broker.subscribe(&format!("g-{topic}"), &[topic])))
+        Ok(Box::new(
+            self.broker.subscribe(&format!("g-{topic}"), &[topic]),
+        ))
     }
 }
 

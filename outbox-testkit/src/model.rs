@@ -130,7 +130,10 @@ pub fn check_model<H: StoreHarness>(rt: &tokio::runtime::Runtime, harness: &H, c
 
 /// Run one history; `Err` describes the violation.
 pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<(), String> {
-    let store = harness.fresh(4).await.map_err(|e| format!("fresh store: {e}"))?;
+    let store = harness
+        .fresh(4)
+        .await
+        .map_err(|e| format!("fresh store: {e}"))?;
     let broker = MemoryBroker::new();
     let topic = "model";
     let mut sub: MemorySubscriber = broker.subscribe("consumer", &[topic]);
@@ -142,7 +145,10 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
             let broker_plan = FaultPlan::none();
             let relay = Relay::builder(
                 Arc::new(FaultyStore::new(store.clone(), store_plan.clone())),
-                Arc::new(FaultyBroker::new(Arc::new(broker.clone()), broker_plan.clone()).with_history(history.clone())),
+                Arc::new(
+                    FaultyBroker::new(Arc::new(broker.clone()), broker_plan.clone())
+                        .with_history(history.clone()),
+                ),
             )
             .relay_id(format!("model-{i}"))
             .batch_size(5)
@@ -158,7 +164,11 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
             .retention(None)
             .build()
             .expect("valid settings");
-            RelaySlot { relay, store_plan, broker_plan }
+            RelaySlot {
+                relay,
+                store_plan,
+                broker_plan,
+            }
         })
         .collect();
     let mut faulted = false;
@@ -187,11 +197,17 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
                 if let Some(f) = fault {
                     faulted = true;
                     let (plan, op, fault) = match f {
-                        StepFault::PublishFailsBefore => (&slot.broker_plan, Op::Publish, Fault::FailBefore),
-                        StepFault::PublishFailsAfter => (&slot.broker_plan, Op::Publish, Fault::FailAfter),
+                        StepFault::PublishFailsBefore => {
+                            (&slot.broker_plan, Op::Publish, Fault::FailBefore)
+                        }
+                        StepFault::PublishFailsAfter => {
+                            (&slot.broker_plan, Op::Publish, Fault::FailAfter)
+                        }
                         StepFault::AckFailsBefore => (&slot.store_plan, Op::Ack, Fault::FailBefore),
                         StepFault::AckFailsAfter => (&slot.store_plan, Op::Ack, Fault::FailAfter),
-                        StepFault::AckAfterLeaseExpiry => (&slot.store_plan, Op::Ack, Fault::ExpireLease),
+                        StepFault::AckAfterLeaseExpiry => {
+                            (&slot.store_plan, Op::Ack, Fault::ExpireLease)
+                        }
                         StepFault::CrashInPublish => (&slot.broker_plan, Op::Publish, Fault::Crash),
                         StepFault::CrashBeforeAck => (&slot.store_plan, Op::Ack, Fault::Crash),
                     };
@@ -215,7 +231,9 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
             }
             Step::Consume { n, crash } => {
                 for i in 0..n {
-                    let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(5), sub.next()).await else {
+                    let Ok(Ok(d)) =
+                        tokio::time::timeout(Duration::from_millis(5), sub.next()).await
+                    else {
                         break;
                     };
                     let crash_now = crash && i + 1 == n;
@@ -233,7 +251,9 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("G7 liveness: backlog not drained after healing; steps: {steps:?}"));
+            return Err(format!(
+                "G7 liveness: backlog not drained after healing; steps: {steps:?}"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -274,11 +294,21 @@ async fn consume<S: crate::harness::TestStore>(
     crash_before_ack: bool,
 ) -> Result<(), String> {
     let m = delivery.message().clone();
-    history.record(Event::Delivered { id: m.id, key: m.key.clone() });
+    history.record(Event::Delivered {
+        id: m.id,
+        key: m.key.clone(),
+    });
     let mut tx = store.begin().await.map_err(|e| format!("begin: {e}"))?;
-    match store.record(&mut tx, "model", m.id).await.map_err(|e| format!("record: {e}"))? {
+    match store
+        .record(&mut tx, "model", m.id)
+        .await
+        .map_err(|e| format!("record: {e}"))?
+    {
         Seen::Duplicate => {
-            store.rollback(tx).await.map_err(|e| format!("rollback: {e}"))?;
+            store
+                .rollback(tx)
+                .await
+                .map_err(|e| format!("rollback: {e}"))?;
         }
         Seen::First => {
             store
@@ -295,4 +325,3 @@ async fn consume<S: crate::harness::TestStore>(
         delivery.ack().await.map_err(|e| format!("ack: {e}"))
     }
 }
-

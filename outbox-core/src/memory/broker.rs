@@ -189,10 +189,10 @@ impl Delivery for MemoryDelivery {
     }
 
     async fn nack(mut self: Box<Self>, requeue: bool) -> Result<()> {
-        if let Some(m) = self.message.take() {
-            if requeue {
-                self.broker.requeue(&self.group, m);
-            }
+        if let Some(m) = self.message.take()
+            && requeue
+        {
+            self.broker.requeue(&self.group, m);
         }
         Ok(())
     }

@@ -135,7 +135,11 @@ impl MemoryStore {
 
     /// Every stored message (pending, published or dead), in sequence order.
     pub fn messages(&self) -> Vec<Message> {
-        self.lock().rows.values().map(|r| r.message.clone()).collect()
+        self.lock()
+            .rows
+            .values()
+            .map(|r| r.message.clone())
+            .collect()
     }
 
     fn check_lease(st: &State, lease: &Lease, now: DateTime<Utc>) -> Result<()> {
@@ -425,10 +429,10 @@ impl Store for MemoryStore {
         let mut st = self.lock();
         Self::check_lease(&st, lease, now)?;
         for id in ids {
-            if let Some(row) = Self::leased_row(&mut st, lease, *id) {
-                if row.pending() {
-                    row.published_at = Some(now);
-                }
+            if let Some(row) = Self::leased_row(&mut st, lease, *id)
+                && row.pending()
+            {
+                row.published_at = Some(now);
             }
         }
         Ok(())
@@ -439,14 +443,14 @@ impl Store for MemoryStore {
         let mut st = self.lock();
         Self::check_lease(&st, lease, now)?;
         for f in failures {
-            if let Some(row) = Self::leased_row(&mut st, lease, f.id) {
-                if row.pending() {
-                    row.message.attempts = row.message.attempts.saturating_add(1);
-                    row.message.last_error = Some(f.error.clone());
-                    match f.retry_at {
-                        Some(at) => row.message.available_at = at,
-                        None => row.dead_at = Some(now),
-                    }
+            if let Some(row) = Self::leased_row(&mut st, lease, f.id)
+                && row.pending()
+            {
+                row.message.attempts = row.message.attempts.saturating_add(1);
+                row.message.last_error = Some(f.error.clone());
+                match f.retry_at {
+                    Some(at) => row.message.available_at = at,
+                    None => row.dead_at = Some(now),
                 }
             }
         }
@@ -457,11 +461,12 @@ impl Store for MemoryStore {
         let now = Utc::now();
         let mut st = self.lock();
         for pl in &lease.partitions {
-            if let Some(p) = st.partitions.get_mut(pl.partition as usize) {
-                if p.token == pl.token && p.owner.as_deref() == Some(lease.owner.as_str()) {
-                    p.owner = None;
-                    p.lease_until = now;
-                }
+            if let Some(p) = st.partitions.get_mut(pl.partition as usize)
+                && p.token == pl.token
+                && p.owner.as_deref() == Some(lease.owner.as_str())
+            {
+                p.owner = None;
+                p.lease_until = now;
             }
         }
         Ok(())
@@ -537,13 +542,14 @@ impl DeadLetters for MemoryStore {
                 let Some(seq) = st.seq_of.get(id).copied() else {
                     continue;
                 };
-                if let Some(row) = st.rows.get_mut(&seq) {
-                    if row.dead_at.is_some() && row.published_at.is_none() {
-                        row.dead_at = None;
-                        row.message.attempts = 0;
-                        row.message.available_at = now;
-                        n += 1;
-                    }
+                if let Some(row) = st.rows.get_mut(&seq)
+                    && row.dead_at.is_some()
+                    && row.published_at.is_none()
+                {
+                    row.dead_at = None;
+                    row.message.attempts = 0;
+                    row.message.available_at = now;
+                    n += 1;
                 }
             }
         }
@@ -579,4 +585,3 @@ impl DeadLetters for MemoryStore {
         Ok(n)
     }
 }
-

@@ -5,18 +5,16 @@ use std::time::Duration;
 
 use outbox_core::{DeadLetters, NewMessage, Relay, RetryPolicy};
 
-use super::util::{Consumer, ConsumerFaults, Ctx, drained, effects_of, ensure, eventually, msg, spawn_relay, write};
+use super::util::{
+    Consumer, ConsumerFaults, Ctx, drained, effects_of, ensure, eventually, msg, spawn_relay, write,
+};
 use crate::faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op};
 use crate::harness::{BrokerHarness, Effects, StoreHarness};
 use crate::history::{CheckOptions, Guarantee, History, Violation};
 
 type Outcome = Result<(), Violation>;
 
-fn relay<S: outbox_core::Store>(
-    store: S,
-    broker: FaultyBroker,
-    id: &str,
-) -> Relay {
+fn relay<S: outbox_core::Store>(store: S, broker: FaultyBroker, id: &str) -> Relay {
     Relay::builder(Arc::new(store), Arc::new(broker))
         .relay_id(id)
         .batch_size(20)
@@ -48,19 +46,49 @@ async fn run<H: StoreHarness, B: BrokerHarness>(
     let history = Arc::new(History::new());
     let (store_plan, broker_plan, consumer_faults) = if faults {
         (
-            FaultPlan::random(3, 0.1, &[(Op::Ack, Fault::FailAfter), (Op::Ack, Fault::FailBefore), (Op::Claim, Fault::FailBefore)]),
-            FaultPlan::random(5, 0.1, &[(Op::Publish, Fault::FailAfter), (Op::Publish, Fault::FailBefore)]),
-            ConsumerFaults { crash_before_handling: 0.05, crash_before_ack: 0.05 },
+            FaultPlan::random(
+                3,
+                0.1,
+                &[
+                    (Op::Ack, Fault::FailAfter),
+                    (Op::Ack, Fault::FailBefore),
+                    (Op::Claim, Fault::FailBefore),
+                ],
+            ),
+            FaultPlan::random(
+                5,
+                0.1,
+                &[
+                    (Op::Publish, Fault::FailAfter),
+                    (Op::Publish, Fault::FailBefore),
+                ],
+            ),
+            ConsumerFaults {
+                crash_before_handling: 0.05,
+                crash_before_ack: 0.05,
+            },
         )
     } else {
-        (FaultPlan::none(), FaultPlan::none(), ConsumerFaults::default())
+        (
+            FaultPlan::none(),
+            FaultPlan::none(),
+            ConsumerFaults::default(),
+        )
     };
-    let consumer = Consumer::start(store.clone(), sub, "e2e", history.clone(), consumer_faults, 9);
+    let consumer = Consumer::start(
+        store.clone(),
+        sub,
+        "e2e",
+        history.clone(),
+        consumer_faults,
+        9,
+    );
     let relays: Vec<_> = (0..2)
         .map(|r| {
             spawn_relay(relay(
                 FaultyStore::new(store.clone(), store_plan.clone()),
-                FaultyBroker::new(broker.clone(), broker_plan.clone()).with_history(history.clone()),
+                FaultyBroker::new(broker.clone(), broker_plan.clone())
+                    .with_history(history.clone()),
                 &format!("r{r}"),
             ))
         })
@@ -108,7 +136,10 @@ async fn run<H: StoreHarness, B: BrokerHarness>(
 
 /// Writers, two relays and an inbox consumer, with no faults: every committed message is
 /// delivered once and applied once, in per-key order; nothing rolled back appears (G1–G5).
-pub async fn end_to_end_without_faults_delivers_each_message_once<H: StoreHarness, B: BrokerHarness>(
+pub async fn end_to_end_without_faults_delivers_each_message_once<
+    H: StoreHarness,
+    B: BrokerHarness,
+>(
     store: &H,
     broker: &B,
 ) -> Outcome {
@@ -132,7 +163,10 @@ pub async fn poison_message_is_dead_lettered_end_to_end<H: StoreHarness, B: Brok
     broker_h: &B,
 ) -> Outcome {
     let Some(limit) = broker_h.capabilities().rejects_payload_over else {
-        eprintln!("poison_message_is_dead_lettered_end_to_end: {} declares no size limit; skipped", broker_h.name());
+        eprintln!(
+            "poison_message_is_dead_lettered_end_to_end: {} declares no size limit; skipped",
+            broker_h.name()
+        );
         return Ok(());
     };
     let store = store_h.fresh(16).await.ctx("fresh store")?;
@@ -140,23 +174,49 @@ pub async fn poison_message_is_dead_lettered_end_to_end<H: StoreHarness, B: Brok
     let broker = broker_h.broker().await.ctx("broker")?;
     let history = Arc::new(History::new());
     let poison = NewMessage::new(topic.as_str(), "order-1", vec![7u8; limit + 1]);
-    let ids = write(&store, &history, &[msg(&topic, "order-1", 0), poison, msg(&topic, "order-1", 2), msg(&topic, "order-2", 0)], true).await?;
-    let r = relay(store.clone(), FaultyBroker::new(broker, FaultPlan::none()).with_history(history.clone()), "r");
+    let ids = write(
+        &store,
+        &history,
+        &[
+            msg(&topic, "order-1", 0),
+            poison,
+            msg(&topic, "order-1", 2),
+            msg(&topic, "order-2", 0),
+        ],
+        true,
+    )
+    .await?;
+    let r = relay(
+        store.clone(),
+        FaultyBroker::new(broker, FaultPlan::none()).with_history(history.clone()),
+        "r",
+    );
     let (stop, task) = spawn_relay(r);
     let ok = drained(&store, Duration::from_secs(30)).await;
     let _ = stop.send(());
     let _ = task.await;
-    ensure(ok, Guarantee::PoisonIsolation, || "the backlog did not drain around a poison message".into())?;
+    ensure(ok, Guarantee::PoisonIsolation, || {
+        "the backlog did not drain around a poison message".into()
+    })?;
     let dead = store.list_dead(Some(&topic), 10).await.ctx("list_dead")?;
     ensure(
-        dead.len() == 1 && dead[0].message.id == ids[1] && dead[0].message.attempts == 1 && dead[0].message.last_error.is_some(),
+        dead.len() == 1
+            && dead[0].message.id == ids[1]
+            && dead[0].message.attempts == 1
+            && dead[0].message.last_error.is_some(),
         Guarantee::PoisonIsolation,
-        || format!("expected only the oversize message dead-lettered after 1 attempt with its error, got {dead:?}"),
+        || {
+            format!(
+                "expected only the oversize message dead-lettered after 1 attempt with its error, got {dead:?}"
+            )
+        },
     )?;
     let published = history.events();
     for id in [ids[0], ids[2], ids[3]] {
         ensure(
-            published.iter().any(|e| matches!(e, crate::history::Event::Published { id: p } if *p == id)),
+            published
+                .iter()
+                .any(|e| matches!(e, crate::history::Event::Published { id: p } if *p == id)),
             Guarantee::PoisonIsolation,
             || format!("message {id} was blocked by the poison message"),
         )?;

@@ -59,9 +59,11 @@ pub async fn run_broker_suite<B: BrokerHarness>(harness: &B) -> SuiteReport {
 }
 
 /// Run every end-to-end scenario against `store` × `broker`.
-pub async fn run_e2e_suite<H: StoreHarness, B: BrokerHarness>(store: &H, broker: &B) -> SuiteReport {
+pub async fn run_e2e_suite<H: StoreHarness, B: BrokerHarness>(
+    store: &H,
+    broker: &B,
+) -> SuiteReport {
     let mut report = SuiteReport::default();
     crate::for_each_e2e_scenario!(__e2e_run, report, store, broker);
     report
 }
-

@@ -32,7 +32,11 @@ fn topic() -> String {
     format!("t-{}", uuid::Uuid::now_v7().simple())
 }
 
-async fn claim<S: Store + ?Sized>(store: &S, owner: &str, lease: Duration) -> Result<Option<Claim>, Violation> {
+async fn claim<S: Store + ?Sized>(
+    store: &S,
+    owner: &str,
+    lease: Duration,
+) -> Result<Option<Claim>, Violation> {
     store
         .claim(&ClaimRequest {
             owner: owner.into(),
@@ -54,7 +58,10 @@ fn ids_of(c: &Option<Claim>) -> Vec<MessageId> {
 fn record_log(history: &History, broker: &MemoryBroker, topic: &str) {
     for r in broker.published(topic) {
         history.record(Event::Published { id: r.id });
-        history.record(Event::Delivered { id: r.id, key: r.key });
+        history.record(Event::Delivered {
+            id: r.id,
+            key: r.key,
+        });
     }
 }
 
@@ -67,10 +74,11 @@ async fn drain_once(relay: &Relay, store: &impl Store, what: &str) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = relay.run_once().await;
-        if let Ok(r) = &r {
-            if r.claimed == 0 && store.stats().await.map(|s| s.pending == 0).unwrap_or(false) {
-                return Ok(());
-            }
+        if let Ok(r) = &r
+            && r.claimed == 0
+            && store.stats().await.map(|s| s.pending == 0).unwrap_or(false)
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
             return Err(Violation::new(
@@ -89,7 +97,13 @@ pub async fn rolled_back_enqueue_is_never_published<H: StoreHarness>(h: &H) -> O
     let t = topic();
     for i in 0..10 {
         let key = format!("k{i}");
-        write(&store, &history, &[msg(&t, &key, 0), msg(&t, &key, 1)], i % 2 == 0).await?;
+        write(
+            &store,
+            &history,
+            &[msg(&t, &key, 0), msg(&t, &key, 1)],
+            i % 2 == 0,
+        )
+        .await?;
     }
     let broker = MemoryBroker::new();
     let relay = relay_for(Arc::new(store.clone()), Arc::new(broker.clone()), "r1");
@@ -103,7 +117,10 @@ pub async fn enqueue_is_invisible_before_commit<H: StoreHarness>(h: &H) -> Outco
     let store = fresh(h).await?;
     let t = topic();
     let mut tx = store.begin().await.ctx("begin")?;
-    let ids = store.enqueue(&mut tx, &[msg(&t, "k", 0)]).await.ctx("enqueue")?;
+    let ids = store
+        .enqueue(&mut tx, &[msg(&t, "k", 0)])
+        .await
+        .ctx("enqueue")?;
     // Claim from another task while the transaction is open. A store may make the claim wait
     // for the writer (SQLite); it must never return the message before the commit.
     let s2 = store.clone();
@@ -120,7 +137,10 @@ pub async fn enqueue_is_invisible_before_commit<H: StoreHarness>(h: &H) -> Outco
     let c = c?;
     if ids_of(&c).contains(&ids[0]) {
         ensure(claimed_at >= commit_started, Guarantee::NoPhantom, || {
-            format!("message {} was claimed before its transaction committed", ids[0])
+            format!(
+                "message {} was claimed before its transaction committed",
+                ids[0]
+            )
         })?;
     }
     if let Some(c) = &c {
@@ -135,14 +155,13 @@ pub async fn enqueue_is_invisible_before_commit<H: StoreHarness>(h: &H) -> Outco
 }
 
 /// An invalid message is refused with `InvalidInput` and nothing of the batch is written.
-pub async fn invalid_messages_are_refused_and_nothing_is_written<H: StoreHarness>(h: &H) -> Outcome {
+pub async fn invalid_messages_are_refused_and_nothing_is_written<H: StoreHarness>(
+    h: &H,
+) -> Outcome {
     let store = fresh(h).await?;
     let t = topic();
     let mut tx = store.begin().await.ctx("begin")?;
-    let bad = [
-        msg(&t, "k", 0),
-        NewMessage::new("", "k", b"x".to_vec()),
-    ];
+    let bad = [msg(&t, "k", 0), NewMessage::new("", "k", b"x".to_vec())];
     let r = store.enqueue(&mut tx, &bad).await;
     ensure(
         matches!(&r, Err(e) if e.kind() == ErrorKind::InvalidInput),
@@ -160,7 +179,10 @@ pub async fn invalid_messages_are_refused_and_nothing_is_written<H: StoreHarness
     let _ = store.commit(tx).await;
     let stats = store.stats().await.ctx("stats")?;
     ensure(stats.pending == 0, Guarantee::NoPhantom, || {
-        format!("{} message(s) of a refused batch were written", stats.pending)
+        format!(
+            "{} message(s) of a refused batch were written",
+            stats.pending
+        )
     })
 }
 
@@ -169,7 +191,9 @@ pub async fn claims_are_exclusive_under_concurrent_relays<H: StoreHarness>(h: &H
     let store = fresh(h).await?;
     let history = History::new();
     let t = topic();
-    let batch: Vec<NewMessage> = (0..200).map(|i| msg(&t, &format!("k{}", i % 50), i)).collect();
+    let batch: Vec<NewMessage> = (0..200)
+        .map(|i| msg(&t, &format!("k{}", i % 50), i))
+        .collect();
     write(&store, &history, &batch, true).await?;
     let mut tasks = Vec::new();
     for r in 0..8 {
@@ -186,7 +210,16 @@ pub async fn claims_are_exclusive_under_concurrent_relays<H: StoreHarness>(h: &H
                     })
                     .await
                 {
-                    Ok(Some(c)) => got.push(c),
+                    Ok(Some(c)) => {
+                        got.push(c);
+                        // Each honest claim leases at least one partition for 30 s, so no
+                        // claimer can get more than PARTITIONS. A store that hands leased
+                        // partitions out again never says "nothing left": stop, and let the
+                        // check below name it instead of looping forever.
+                        if got.len() > PARTITIONS as usize {
+                            return Ok(got);
+                        }
+                    }
                     Ok(None) => return Ok(got),
                     Err(e) if e.kind() == ErrorKind::Transient => {
                         tokio::time::sleep(Duration::from_millis(5)).await
@@ -210,7 +243,10 @@ pub async fn claims_are_exclusive_under_concurrent_relays<H: StoreHarness>(h: &H
                 if let Some(other) = partition_owner.insert(p.partition, r) {
                     return Err(Violation::new(
                         Guarantee::NoNeedlessDuplicates,
-                        format!("partition {} leased to relays {other} and {r} at once", p.partition),
+                        format!(
+                            "partition {} leased to relays {other} and {r} at once",
+                            p.partition
+                        ),
                     ));
                 }
             }
@@ -224,9 +260,11 @@ pub async fn claims_are_exclusive_under_concurrent_relays<H: StoreHarness>(h: &H
             }
         }
     }
-    ensure(claims > 0 && !owner_of.is_empty(), Guarantee::Liveness, || {
-        "no claim returned anything".into()
-    })
+    ensure(
+        claims > 0 && !owner_of.is_empty(),
+        Guarantee::Liveness,
+        || "no claim returned anything".into(),
+    )
 }
 
 /// When a relay's lease expires, another relay takes the partition over with a newer token.
@@ -243,11 +281,16 @@ pub async fn lease_expiry_lets_another_relay_take_over<H: StoreHarness>(h: &H) -
     tokio::time::sleep(Duration::from_millis(600)).await;
     let b = claim(&store, "b", Duration::from_secs(30)).await?;
     let b = b.ok_or_else(|| {
-        Violation::new(Guarantee::Liveness, "the partition was not taken over after the lease expired")
+        Violation::new(
+            Guarantee::Liveness,
+            "the partition was not taken over after the lease expired",
+        )
     })?;
-    ensure(ids_of(&Some(b.clone())) == ids_of(&Some(a.clone())), Guarantee::NoLoss, || {
-        "the new lease did not return the unacked message".into()
-    })?;
+    ensure(
+        ids_of(&Some(b.clone())) == ids_of(&Some(a.clone())),
+        Guarantee::NoLoss,
+        || "the new lease did not return the unacked message".into(),
+    )?;
     let newer = b.lease.partitions.iter().all(|pb| {
         a.lease
             .partitions
@@ -255,7 +298,10 @@ pub async fn lease_expiry_lets_another_relay_take_over<H: StoreHarness>(h: &H) -
             .all(|pa| pa.partition != pb.partition || pb.token > pa.token)
     });
     ensure(newer, Guarantee::Contract, || {
-        format!("fencing token did not grow: {:?} then {:?}", a.lease, b.lease)
+        format!(
+            "fencing token did not grow: {:?} then {:?}",
+            a.lease, b.lease
+        )
     })?;
     let stale = store.ack(&a.lease, &ids_of(&Some(a.clone()))).await;
     ensure(
@@ -263,7 +309,10 @@ pub async fn lease_expiry_lets_another_relay_take_over<H: StoreHarness>(h: &H) -
         Guarantee::Contract,
         || format!("an ack with the taken-over lease was not rejected as a conflict: {stale:?}"),
     )?;
-    store.ack(&b.lease, &ids_of(&Some(b.clone()))).await.ctx("ack by the new holder")
+    store
+        .ack(&b.lease, &ids_of(&Some(b.clone())))
+        .await
+        .ctx("ack by the new holder")
 }
 
 /// An ack or fail with an expired lease is rejected and marks nothing.
@@ -307,7 +356,13 @@ pub async fn failed_message_blocks_only_its_own_key<H: StoreHarness>(h: &H) -> O
     let store = fresh(h).await?;
     let t = topic();
     let h0 = History::new();
-    let a = write(&store, &h0, &[msg(&t, "a", 1), msg(&t, "a", 2), msg(&t, "b", 1)], true).await?;
+    let a = write(
+        &store,
+        &h0,
+        &[msg(&t, "a", 1), msg(&t, "a", 2), msg(&t, "b", 1)],
+        true,
+    )
+    .await?;
     let c = claim(&store, "r", Duration::from_secs(30)).await?;
     let c = c.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
     store
@@ -327,16 +382,23 @@ pub async fn failed_message_blocks_only_its_own_key<H: StoreHarness>(h: &H) -> O
     let c2 = claim(&store, "r", Duration::from_secs(30)).await?;
     let got = ids_of(&c2);
     ensure(!got.contains(&a[1]), Guarantee::PerKeyOrder, || {
-        format!("message {} was claimed while the earlier message {} of its key backs off", a[1], a[0])
+        format!(
+            "message {} was claimed while the earlier message {} of its key backs off",
+            a[1], a[0]
+        )
     })?;
     ensure(got == b2, Guarantee::PoisonIsolation, || {
-        format!("another key's message was blocked by a backing-off message: claimed {got:?}, expected {b2:?}")
+        format!(
+            "another key's message was blocked by a backing-off message: claimed {got:?}, expected {b2:?}"
+        )
     })
 }
 
 /// Retry time, attempts and last error live in the store: a restarted relay (a reopened
 /// store) respects them.
-pub async fn retry_time_and_attempts_persist_across_relay_restarts<H: StoreHarness>(h: &H) -> Outcome {
+pub async fn retry_time_and_attempts_persist_across_relay_restarts<H: StoreHarness>(
+    h: &H,
+) -> Outcome {
     let store = fresh(h).await?;
     let t = topic();
     let ids = write(&store, &History::new(), &[msg(&t, "k", 0)], true).await?;
@@ -363,9 +425,17 @@ pub async fn retry_time_and_attempts_persist_across_relay_restarts<H: StoreHarne
     let later = claim(&restarted, "r3", Duration::from_secs(30)).await?;
     let m: Option<&Message> = later.as_ref().and_then(|c| c.messages.first());
     ensure(
-        m.is_some_and(|m| m.id == ids[0] && m.attempts == 1 && m.last_error.as_deref() == Some("boom: broker unavailable")),
+        m.is_some_and(|m| {
+            m.id == ids[0]
+                && m.attempts == 1
+                && m.last_error.as_deref() == Some("boom: broker unavailable")
+        }),
         Guarantee::PoisonIsolation,
-        || format!("after a restart the message did not come back with attempts=1 and its error: {m:?}"),
+        || {
+            format!(
+                "after a restart the message did not come back with attempts=1 and its error: {m:?}"
+            )
+        },
     )
 }
 
@@ -378,7 +448,11 @@ struct RejectKey {
 #[async_trait]
 impl Broker for RejectKey {
     async fn publish(&self, messages: &[Message]) -> Vec<CoreResult<()>> {
-        let pass: Vec<Message> = messages.iter().filter(|m| m.key != self.key).cloned().collect();
+        let pass: Vec<Message> = messages
+            .iter()
+            .filter(|m| m.key != self.key)
+            .cloned()
+            .collect();
         let mut inner = self.inner.publish(&pass).await.into_iter();
         messages
             .iter()
@@ -386,7 +460,9 @@ impl Broker for RejectKey {
                 if m.key == self.key {
                     Err(Error::transient("poison: the broker refuses this message"))
                 } else {
-                    inner.next().unwrap_or_else(|| Err(Error::transient("missing outcome")))
+                    inner
+                        .next()
+                        .unwrap_or_else(|| Err(Error::transient("missing outcome")))
                 }
             })
             .collect()
@@ -395,14 +471,30 @@ impl Broker for RejectKey {
 
 /// A message that keeps failing is retried with backoff, then dead-lettered with its last
 /// error, while other keys flow (G6).
-pub async fn poison_message_is_dead_lettered_while_other_keys_flow<H: StoreHarness>(h: &H) -> Outcome {
+pub async fn poison_message_is_dead_lettered_while_other_keys_flow<H: StoreHarness>(
+    h: &H,
+) -> Outcome {
     let store = fresh(h).await?;
     let history = History::new();
     let t = topic();
-    let poison = write(&store, &history, &[msg(&t, "poison", 0), msg(&t, "poison", 1)], true).await?;
+    let poison = write(
+        &store,
+        &history,
+        &[msg(&t, "poison", 0), msg(&t, "poison", 1)],
+        true,
+    )
+    .await?;
     let mut others = Vec::new();
     for i in 0..50 {
-        others.extend(write(&store, &history, &[msg(&t, &format!("k{}", i % 10), i)], true).await?);
+        others.extend(
+            write(
+                &store,
+                &history,
+                &[msg(&t, &format!("k{}", i % 10), i)],
+                true,
+            )
+            .await?,
+        );
     }
     let broker = MemoryBroker::new();
     let relay = Relay::builder(
@@ -430,19 +522,36 @@ pub async fn poison_message_is_dead_lettered_while_other_keys_flow<H: StoreHarne
     let published: HashSet<MessageId> = broker.published(&t).iter().map(|r| r.id).collect();
     let missing: Vec<_> = others.iter().filter(|id| !published.contains(id)).collect();
     ensure(missing.is_empty(), Guarantee::PoisonIsolation, || {
-        format!("{} message(s) of other keys were not published past the poison", missing.len())
+        format!(
+            "{} message(s) of other keys were not published past the poison",
+            missing.len()
+        )
     })?;
     let dead = store.list_dead(Some(&t), 100).await.ctx("list_dead")?;
     let dead_ids: HashSet<MessageId> = dead.iter().map(|d| d.message.id).collect();
-    ensure(dead_ids.contains(&poison[0]), Guarantee::PoisonIsolation, || {
-        format!("the poison message was not dead-lettered; dead letters: {dead_ids:?}")
-    })?;
-    let first = dead.iter().find(|d| d.message.id == poison[0]).expect("checked above");
+    ensure(
+        dead_ids.contains(&poison[0]),
+        Guarantee::PoisonIsolation,
+        || format!("the poison message was not dead-lettered; dead letters: {dead_ids:?}"),
+    )?;
+    let first = dead
+        .iter()
+        .find(|d| d.message.id == poison[0])
+        .expect("checked above");
     ensure(
         first.message.attempts == 3
-            && first.message.last_error.as_deref().is_some_and(|e| e.contains("poison")),
+            && first
+                .message
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("poison")),
         Guarantee::PoisonIsolation,
-        || format!("dead letter lacks attempts=3 and its last error: {:?}", first.message),
+        || {
+            format!(
+                "dead letter lacks attempts=3 and its last error: {:?}",
+                first.message
+            )
+        },
     )
 }
 
@@ -451,12 +560,25 @@ pub async fn purge_keeps_unpublished_dead_and_recent_rows<H: StoreHarness>(h: &H
     let store = fresh(h).await?;
     let t = topic();
     let hist = History::new();
-    let ids = write(&store, &hist, &[msg(&t, "old", 0), msg(&t, "pending", 0), msg(&t, "dead", 0)], true).await?;
+    let ids = write(
+        &store,
+        &hist,
+        &[msg(&t, "old", 0), msg(&t, "pending", 0), msg(&t, "dead", 0)],
+        true,
+    )
+    .await?;
     let c = claim(&store, "r", Duration::from_secs(30)).await?;
     let c = c.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
     store.ack(&c.lease, &[ids[0]]).await.ctx("ack")?;
     store
-        .fail(&c.lease, &[Failure { id: ids[2], error: "x".into(), retry_at: None }])
+        .fail(
+            &c.lease,
+            &[Failure {
+                id: ids[2],
+                error: "x".into(),
+                retry_at: None,
+            }],
+        )
         .await
         .ctx("fail")?;
     store.release(&c.lease).await.ctx("release")?;
@@ -473,7 +595,11 @@ pub async fn purge_keeps_unpublished_dead_and_recent_rows<H: StoreHarness>(h: &H
     ensure(
         purged == 1 && stats.pending == 1 && stats.dead == 1 && stats.published == 1,
         Guarantee::Contract,
-        || format!("purge removed {purged} row(s), left {stats:?}; expected 1 removed and one each of pending, dead, published"),
+        || {
+            format!(
+                "purge removed {purged} row(s), left {stats:?}; expected 1 removed and one each of pending, dead, published"
+            )
+        },
     )
 }
 
@@ -481,25 +607,43 @@ pub async fn purge_keeps_unpublished_dead_and_recent_rows<H: StoreHarness>(h: &H
 pub async fn dead_letters_can_be_listed_requeued_and_deleted<H: StoreHarness>(h: &H) -> Outcome {
     let store = fresh(h).await?;
     let t = topic();
-    let ids = write(&store, &History::new(), &[msg(&t, "a", 0), msg(&t, "b", 0)], true).await?;
+    let ids = write(
+        &store,
+        &History::new(),
+        &[msg(&t, "a", 0), msg(&t, "b", 0)],
+        true,
+    )
+    .await?;
     let c = claim(&store, "r", Duration::from_secs(30)).await?;
     let c = c.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
     let failures: Vec<Failure> = ids
         .iter()
-        .map(|id| Failure { id: *id, error: "rejected".into(), retry_at: None })
+        .map(|id| Failure {
+            id: *id,
+            error: "rejected".into(),
+            retry_at: None,
+        })
         .collect();
     store.fail(&c.lease, &failures).await.ctx("fail")?;
     store.release(&c.lease).await.ctx("release")?;
     let dead = store.list_dead(Some(&t), 10).await.ctx("list_dead")?;
     ensure(
-        dead.len() == 2 && dead.iter().all(|d| d.message.last_error.as_deref() == Some("rejected")),
+        dead.len() == 2
+            && dead
+                .iter()
+                .all(|d| d.message.last_error.as_deref() == Some("rejected")),
         Guarantee::Contract,
         || format!("expected 2 dead letters with their error, got {dead:?}"),
     )?;
     let n = store.requeue(&[ids[0]]).await.ctx("requeue")?;
-    ensure(n == 1, Guarantee::Contract, || format!("requeue reported {n}"))?;
+    ensure(n == 1, Guarantee::Contract, || {
+        format!("requeue reported {n}")
+    })?;
     let c = claim(&store, "r", Duration::from_secs(30)).await?;
-    let got: Vec<&Message> = c.as_ref().map(|c| c.messages.iter().collect()).unwrap_or_default();
+    let got: Vec<&Message> = c
+        .as_ref()
+        .map(|c| c.messages.iter().collect())
+        .unwrap_or_default();
     ensure(
         got.len() == 1 && got[0].id == ids[0] && got[0].attempts == 0,
         Guarantee::Contract,
@@ -515,7 +659,9 @@ pub async fn dead_letters_can_be_listed_requeued_and_deleted<H: StoreHarness>(h:
         format!("delete_dead removed {n}, left {left:?}")
     })?;
     let n = store.requeue_topic(&t).await.ctx("requeue_topic")?;
-    ensure(n == 0, Guarantee::Contract, || format!("requeue_topic found {n} after delete"))
+    ensure(n == 0, Guarantee::Contract, || {
+        format!("requeue_topic found {n} after delete")
+    })
 }
 
 /// A relay killed mid-batch (mid-publish, or after publishing before the ack) loses nothing,
@@ -525,18 +671,33 @@ pub async fn relay_killed_mid_batch_loses_nothing<H: StoreHarness>(h: &H) -> Out
     let history = Arc::new(History::new());
     let t = topic();
     for i in 0..100 {
-        write(&store, &history, &[msg(&t, &format!("k{}", i % 10), i)], true).await?;
+        write(
+            &store,
+            &history,
+            &[msg(&t, &format!("k{}", i % 10), i)],
+            true,
+        )
+        .await?;
     }
     let broker = MemoryBroker::new();
     // First relay dies inside its second publish; the second dies before its first ack.
     let crash_points = [
-        (FaultPlan::none(), FaultPlan::scripted([None, Some(Fault::Crash)])),
-        (FaultPlan::scripted([Some(Fault::Crash)]).only(&[Op::Ack]), FaultPlan::none()),
+        (
+            FaultPlan::none(),
+            FaultPlan::scripted([None, Some(Fault::Crash)]),
+        ),
+        (
+            FaultPlan::scripted([Some(Fault::Crash)]).only(&[Op::Ack]),
+            FaultPlan::none(),
+        ),
     ];
     for (i, (store_plan, broker_plan)) in crash_points.into_iter().enumerate() {
         let relay = Relay::builder(
             Arc::new(FaultyStore::new(store.clone(), store_plan.clone())),
-            Arc::new(FaultyBroker::new(Arc::new(broker.clone()), broker_plan.clone())),
+            Arc::new(FaultyBroker::new(
+                Arc::new(broker.clone()),
+                broker_plan.clone(),
+            )),
         )
         .relay_id(format!("doomed-{i}"))
         .batch_size(10)
@@ -558,29 +719,58 @@ pub async fn relay_killed_mid_batch_loses_nothing<H: StoreHarness>(h: &H) -> Out
         })
         .await;
         task.abort();
-        ensure(crashed.is_ok(), Guarantee::Contract, || "the crash fault was never reached".into())?;
+        ensure(crashed.is_ok(), Guarantee::Contract, || {
+            "the crash fault was never reached".into()
+        })?;
     }
-    let survivor = relay_for(Arc::new(store.clone()), Arc::new(broker.clone()), "survivor");
+    let survivor = relay_for(
+        Arc::new(store.clone()),
+        Arc::new(broker.clone()),
+        "survivor",
+    );
     drain_once(&survivor, &store, "after relay crashes").await?;
     record_log(&history, &broker, &t);
-    check(&history, CheckOptions { faults: true, ..CheckOptions::default() }, None)
+    check(
+        &history,
+        CheckOptions {
+            faults: true,
+            ..CheckOptions::default()
+        },
+        None,
+    )
 }
 
 /// A publish that reached the broker but was reported failed is published again; the inbox
 /// suppresses the duplicate so the effect is applied once (G1, G3).
-pub async fn ambiguous_publish_duplicate_is_suppressed_by_the_inbox<H: StoreHarness>(h: &H) -> Outcome {
+pub async fn ambiguous_publish_duplicate_is_suppressed_by_the_inbox<H: StoreHarness>(
+    h: &H,
+) -> Outcome {
     let store = fresh(h).await?;
     let history = Arc::new(History::new());
     let t = topic();
     let broker = MemoryBroker::new();
     let sub = broker.subscribe("consumer", &[&t]);
     for i in 0..20 {
-        write(&store, &history, &[msg(&t, &format!("k{}", i % 4), i)], true).await?;
+        write(
+            &store,
+            &history,
+            &[msg(&t, &format!("k{}", i % 4), i)],
+            true,
+        )
+        .await?;
     }
     let plan = FaultPlan::scripted([Some(Fault::FailAfter)]);
-    let faulty = FaultyBroker::new(Arc::new(broker.clone()), plan.clone()).with_history(history.clone());
+    let faulty =
+        FaultyBroker::new(Arc::new(broker.clone()), plan.clone()).with_history(history.clone());
     let relay = relay_for(Arc::new(store.clone()), Arc::new(faulty), "r");
-    let consumer = Consumer::start(store.clone(), Box::new(sub), "c", history.clone(), ConsumerFaults::default(), 1);
+    let consumer = Consumer::start(
+        store.clone(),
+        Box::new(sub),
+        "c",
+        history.clone(),
+        ConsumerFaults::default(),
+        1,
+    );
     drain_once(&relay, &store, "ambiguous publish").await?;
     let committed = history.committed_ids();
     let s2 = store.clone();
@@ -594,17 +784,34 @@ pub async fn ambiguous_publish_duplicate_is_suppressed_by_the_inbox<H: StoreHarn
     })
     .await;
     consumer.stop().await;
-    ensure(plan.injected() == 1, Guarantee::Contract, || "the fault was not injected".into())?;
-    ensure(history.duplicate_deliveries() > 0, Guarantee::Contract, || {
-        "an ambiguous publish produced no duplicate: was the message acked although the relay saw an error?".into()
+    ensure(plan.injected() == 1, Guarantee::Contract, || {
+        "the fault was not injected".into()
     })?;
+    ensure(
+        history.duplicate_deliveries() > 0,
+        Guarantee::Contract,
+        || {
+            "an ambiguous publish produced no duplicate: was the message acked although the relay saw an error?".into()
+        },
+    )?;
     let effects = effects_of(&store, "c").await?;
-    check(&history, CheckOptions { faults: true, ..CheckOptions::default() }, Some(&effects))?;
-    ensure(done, Guarantee::NoLoss, || "not every message took effect".into())
+    check(
+        &history,
+        CheckOptions {
+            faults: true,
+            ..CheckOptions::default()
+        },
+        Some(&effects),
+    )?;
+    ensure(done, Guarantee::NoLoss, || {
+        "not every message took effect".into()
+    })
 }
 
 /// Four relays with no faults publish every message exactly once (G5) in per-key order (G4).
-pub async fn four_relays_without_faults_publish_each_message_once<H: StoreHarness>(h: &H) -> Outcome {
+pub async fn four_relays_without_faults_publish_each_message_once<H: StoreHarness>(
+    h: &H,
+) -> Outcome {
     let store = fresh(h).await?;
     let history = History::new();
     let t = topic();
@@ -615,14 +822,20 @@ pub async fn four_relays_without_faults_publish_each_message_once<H: StoreHarnes
     let broker = MemoryBroker::new();
     let mut relays = Vec::new();
     for r in 0..4 {
-        relays.push(spawn_relay(relay_for(Arc::new(store.clone()), Arc::new(broker.clone()), &format!("r{r}"))));
+        relays.push(spawn_relay(relay_for(
+            Arc::new(store.clone()),
+            Arc::new(broker.clone()),
+            &format!("r{r}"),
+        )));
     }
     let ok = drained(&store, Duration::from_secs(60)).await;
     for (stop, task) in relays {
         let _ = stop.send(());
         let _ = task.await;
     }
-    ensure(ok, Guarantee::Liveness, || "400 messages not drained by 4 relays in 60 s".into())?;
+    ensure(ok, Guarantee::Liveness, || {
+        "400 messages not drained by 4 relays in 60 s".into()
+    })?;
     record_log(&history, &broker, &t);
     check(&history, CheckOptions::default(), None)
 }
@@ -659,7 +872,8 @@ pub async fn four_relays_with_crashes_keep_per_key_order<H: StoreHarness>(h: &H)
         Relay::builder(
             Arc::new(FaultyStore::new(store.clone(), store_plan.clone())),
             Arc::new(
-                FaultyBroker::new(Arc::new(broker.clone()), broker_plan.clone()).with_history(history.clone()),
+                FaultyBroker::new(Arc::new(broker.clone()), broker_plan.clone())
+                    .with_history(history.clone()),
             ),
         )
         .relay_id(format!("r{r}-{generation}"))
@@ -710,11 +924,23 @@ pub async fn four_relays_with_crashes_keep_per_key_order<H: StoreHarness>(h: &H)
         let _ = stop.send(());
         let _ = task.await;
     }
-    ensure(ok, Guarantee::Liveness, || "backlog not drained 60 s after faults healed".into())?;
+    ensure(ok, Guarantee::Liveness, || {
+        "backlog not drained 60 s after faults healed".into()
+    })?;
     for r in broker.published(&t) {
-        history.record(Event::Delivered { id: r.id, key: r.key });
+        history.record(Event::Delivered {
+            id: r.id,
+            key: r.key,
+        });
     }
-    check(&history, CheckOptions { faults: true, ..CheckOptions::default() }, None)
+    check(
+        &history,
+        CheckOptions {
+            faults: true,
+            ..CheckOptions::default()
+        },
+        None,
+    )
 }
 
 /// The inbox reports a committed record as a duplicate.
@@ -734,12 +960,18 @@ pub async fn inbox_suppresses_a_duplicate<H: StoreHarness>(h: &H) -> Outcome {
     ensure(
         first == Seen::First && second == Seen::Duplicate && other_consumer == Seen::First,
         Guarantee::EffectivelyOnce,
-        || format!("inbox answers: first {first:?}, again {second:?}, other consumer {other_consumer:?}"),
+        || {
+            format!(
+                "inbox answers: first {first:?}, again {second:?}, other consumer {other_consumer:?}"
+            )
+        },
     )
 }
 
 /// An inbox record rolls back with the handler's transaction, so a failed handler runs again.
-pub async fn inbox_record_rolls_back_with_the_handler_transaction<H: StoreHarness>(h: &H) -> Outcome {
+pub async fn inbox_record_rolls_back_with_the_handler_transaction<H: StoreHarness>(
+    h: &H,
+) -> Outcome {
     let store = fresh(h).await?;
     let id = MessageId::new();
     let mut tx = store.begin().await.ctx("begin")?;
@@ -756,7 +988,12 @@ pub async fn inbox_record_rolls_back_with_the_handler_transaction<H: StoreHarnes
     ensure(
         again == Seen::First && effects == vec![id],
         Guarantee::EffectivelyOnce,
-        || format!("after a rolled-back handler the inbox said {again:?} and {} effect(s) exist: the inbox record was kept without the effect", effects.len()),
+        || {
+            format!(
+                "after a rolled-back handler the inbox said {again:?} and {} effect(s) exist: the inbox record was kept without the effect",
+                effects.len()
+            )
+        },
     )
 }
 
@@ -784,14 +1021,19 @@ pub async fn concurrent_handlers_apply_a_message_once<H: StoreHarness>(h: &H) ->
             .await
             .map_err(|e| Violation::new(Guarantee::Contract, format!("handler task: {e}")))?;
         if let Err(e) = r {
-            ensure(e.kind() == ErrorKind::Transient, Guarantee::Contract, || {
-                format!("a racing handler failed with a non-transient error: {e}")
-            })?;
+            ensure(
+                e.kind() == ErrorKind::Transient,
+                Guarantee::Contract,
+                || format!("a racing handler failed with a non-transient error: {e}"),
+            )?;
         }
     }
     let effects = effects_of(&store, "c").await?;
     ensure(effects.len() == 1, Guarantee::EffectivelyOnce, || {
-        format!("{} effects for one message applied by racing handlers", effects.len())
+        format!(
+            "{} effects for one message applied by racing handlers",
+            effects.len()
+        )
     })
 }
 
@@ -799,7 +1041,10 @@ pub async fn concurrent_handlers_apply_a_message_once<H: StoreHarness>(h: &H) ->
 /// (G7).
 pub async fn commit_wakes_a_waiting_relay<H: StoreHarness>(h: &H) -> Outcome {
     if !h.capabilities().wake_ups {
-        eprintln!("commit_wakes_a_waiting_relay: {} has no wake-up signal; skipped", h.name());
+        eprintln!(
+            "commit_wakes_a_waiting_relay: {} has no wake-up signal; skipped",
+            h.name()
+        );
         return Ok(());
     }
     let store = fresh(h).await?;
@@ -836,7 +1081,9 @@ pub async fn commit_wakes_a_waiting_relay<H: StoreHarness>(h: &H) -> Outcome {
     let _ = stop.send(());
     let _ = task.await;
     ensure(worst < Duration::from_secs(2), Guarantee::Liveness, || {
-        format!("a commit took {worst:?} to be published with a 30 s poll interval: the wake-up signal does not work")
+        format!(
+            "a commit took {worst:?} to be published with a 30 s poll interval: the wake-up signal does not work"
+        )
     })
 }
 
@@ -846,11 +1093,20 @@ pub async fn delayed_message_waits_for_its_time<H: StoreHarness>(h: &H) -> Outco
     let t = topic();
     let hist = History::new();
     let at = Utc::now() + chrono::Duration::milliseconds(700);
-    let delayed = write(&store, &hist, &[msg(&t, "a", 0).available_at(at), msg(&t, "a", 1)], true).await?;
+    let delayed = write(
+        &store,
+        &hist,
+        &[msg(&t, "a", 0).available_at(at), msg(&t, "a", 1)],
+        true,
+    )
+    .await?;
     let other = write(&store, &hist, &[msg(&t, "b", 0)], true).await?;
     let c = claim(&store, "r", Duration::from_secs(30)).await?;
     ensure(ids_of(&c) == other, Guarantee::PerKeyOrder, || {
-        format!("before its time, claim returned {:?}; expected only {other:?}", ids_of(&c))
+        format!(
+            "before its time, claim returned {:?}; expected only {other:?}",
+            ids_of(&c)
+        )
     })?;
     if let Some(c) = &c {
         store.ack(&c.lease, &other).await.ctx("ack")?;
@@ -859,7 +1115,10 @@ pub async fn delayed_message_waits_for_its_time<H: StoreHarness>(h: &H) -> Outco
     tokio::time::sleep(Duration::from_millis(900)).await;
     let c = claim(&store, "r", Duration::from_secs(30)).await?;
     ensure(ids_of(&c) == delayed, Guarantee::Liveness, || {
-        format!("after its time, claim returned {:?}; expected {delayed:?}", ids_of(&c))
+        format!(
+            "after its time, claim returned {:?}; expected {delayed:?}",
+            ids_of(&c)
+        )
     })
 }
 
@@ -868,10 +1127,18 @@ pub async fn stats_report_the_backlog<H: StoreHarness>(h: &H) -> Outcome {
     let store = fresh(h).await?;
     let t = topic();
     let before = Utc::now() - chrono::Duration::seconds(5);
-    let ids = write(&store, &History::new(), &[msg(&t, "a", 0), msg(&t, "b", 0), msg(&t, "c", 0)], true).await?;
+    let ids = write(
+        &store,
+        &History::new(),
+        &[msg(&t, "a", 0), msg(&t, "b", 0), msg(&t, "c", 0)],
+        true,
+    )
+    .await?;
     let s = store.stats().await.ctx("stats")?;
     ensure(
-        s.pending == 3 && s.oldest_pending.is_some_and(|o| o >= before && o <= Utc::now() + chrono::Duration::seconds(5)),
+        s.pending == 3
+            && s.oldest_pending
+                .is_some_and(|o| o >= before && o <= Utc::now() + chrono::Duration::seconds(5)),
         Guarantee::Contract,
         || format!("stats after 3 commits: {s:?}"),
     )?;
@@ -886,4 +1153,3 @@ pub async fn stats_report_the_backlog<H: StoreHarness>(h: &H) -> Outcome {
         || format!("stats after acking all: {s:?}"),
     )
 }
-

@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use outbox_core::{
-    Broker, Delivery, Error, MessageId, NewMessage, Relay, RetryPolicy, Seen, Store,
-    Subscriber,
+    Broker, Delivery, Error, MessageId, NewMessage, Relay, RetryPolicy, Seen, Store, Subscriber,
 };
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
@@ -27,7 +26,11 @@ impl<T> Ctx<T> for Result<T, Error> {
 }
 
 /// Fail with `guarantee` unless `cond`.
-pub(crate) fn ensure(cond: bool, guarantee: Guarantee, detail: impl FnOnce() -> String) -> Result<(), Violation> {
+pub(crate) fn ensure(
+    cond: bool,
+    guarantee: Guarantee,
+    detail: impl FnOnce() -> String,
+) -> Result<(), Violation> {
     if cond {
         Ok(())
     } else {
@@ -69,7 +72,10 @@ pub(crate) async fn write<S: TestStore>(
 ) -> Result<Vec<MessageId>, Violation> {
     let mut tx = store.begin().await.ctx("begin")?;
     let ids = store.enqueue(&mut tx, messages).await.ctx("enqueue")?;
-    let pairs = ids.iter().copied().zip(messages.iter().map(|m| m.key.clone()));
+    let pairs = ids
+        .iter()
+        .copied()
+        .zip(messages.iter().map(|m| m.key.clone()));
     if commit {
         store.commit(tx).await.ctx("commit")?;
         history.committed(pairs);
@@ -132,7 +138,8 @@ impl Consumer {
         let task = tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             while !stop2.load(Ordering::Relaxed) {
-                let next = tokio::time::timeout(Duration::from_millis(100), subscriber.next()).await;
+                let next =
+                    tokio::time::timeout(Duration::from_millis(100), subscriber.next()).await;
                 let delivery = match next {
                     Err(_) => continue,
                     Ok(Err(e)) if e.kind() == outbox_core::ErrorKind::Closed => return,
@@ -157,7 +164,9 @@ impl Consumer {
                     continue;
                 }
                 let crash_before_ack = rng.random_bool(faults.crash_before_ack);
-                if let Err(e) = handle_one(&store, &consumer, delivery, crash_before_ack, &history).await {
+                if let Err(e) =
+                    handle_one(&store, &consumer, delivery, crash_before_ack, &history).await
+                {
                     tracing::warn!(error = %e, "test consumer: handling failed");
                 }
                 handled2.fetch_add(1, Ordering::Relaxed);
@@ -223,7 +232,10 @@ pub(crate) async fn drained<S: Store>(store: &S, timeout: Duration) -> bool {
 }
 
 /// Effects of `consumer`, as a violation on error.
-pub(crate) async fn effects_of<S: Effects>(store: &S, consumer: &str) -> Result<Vec<MessageId>, Violation> {
+pub(crate) async fn effects_of<S: Effects>(
+    store: &S,
+    consumer: &str,
+) -> Result<Vec<MessageId>, Violation> {
     store.effects(consumer).await.ctx("reading effects")
 }
 
