@@ -356,10 +356,10 @@ impl Relay {
 
         let settled =
             retry_transient(|| inner.store.settle(&claim.lease, &published, &failures)).await;
-        if settled.is_err() {
-            if let Err(e) = inner.store.release(&claim.lease).await {
-                debug!(error = %e, "lease release failed; it expires by itself");
-            }
+        if settled.is_err()
+            && let Err(e) = inner.store.release(&claim.lease).await
+        {
+            debug!(error = %e, "lease release failed; it expires by itself");
         }
         match settled {
             Ok(()) => {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use outbox_core::{Enqueue, ErrorKind, NewMessage, Transactional};
+use outbox_core::{ErrorKind, NewMessage, Transactional};
 use outbox_sqlite::SqliteStore;
 use outbox_testkit::sqlite::sqlite_store;
 

@@ -17,6 +17,8 @@ pub mod harness;
 pub mod history;
 pub mod memory;
 pub mod model;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod proxy;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
@@ -33,6 +35,8 @@ pub use with_effects::{EffectsTable, WithEffects};
 
 #[doc(hidden)]
 pub use tokio as __tokio;
+
+pub use async_trait::async_trait;
 
 /// Calls `$cb!($args..., [every store scenario])`. The one list of store scenarios.
 #[doc(hidden)]

@@ -15,7 +15,7 @@ use crate::faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op};
 use crate::harness::{Effects, StoreHarness};
 use crate::history::{CheckOptions, Event, History};
 
-const LEASE: Duration = Duration::from_millis(150);
+const LEASE: Duration = Duration::from_millis(100);
 const RELAYS: usize = 2;
 const KEYS: u8 = 6;
 
