@@ -12,6 +12,7 @@ pub(crate) struct Statements {
     pub(crate) ack: Arc<str>,
     pub(crate) fail: Arc<str>,
     pub(crate) release: Arc<str>,
+    pub(crate) settle: Arc<str>,
     pub(crate) purge: Arc<str>,
     pub(crate) stats: Arc<str>,
     pub(crate) record: Arc<str>,
@@ -53,6 +54,21 @@ fence AS MATERIALIZED (
     SELECT count(*) = cardinality($2::int4[]) AS ok FROM held
 )";
 
+/// The lease check of settle: as [`FENCE`], but the held partitions are locked FOR NO KEY
+/// UPDATE, as the same statement then releases them (taking the row lock at once, where FOR
+/// SHARE would have to be upgraded, a deadlock with another holder of the share lock).
+const SETTLE_FENCE: &str = "held AS MATERIALIZED (
+    SELECT p.partition
+    FROM {P} p
+    JOIN unnest($2::int4[], $3::int8[]) AS l(partition, token)
+      ON p.partition = l.partition AND p.token = l.token
+    WHERE p.owner = $1 AND p.lease_until > now()
+    FOR NO KEY UPDATE OF p
+),
+fence AS MATERIALIZED (
+    SELECT count(*) = cardinality($2::int4[]) AS ok FROM held
+)";
+
 const MESSAGE_COLUMNS: &str = "m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.partition, \
      m.created_at, m.available_at, m.attempts, m.last_error";
 
@@ -63,6 +79,7 @@ impl Statements {
         let i = names.qualified(&names.inbox);
         let fill = |sql: String| -> Arc<str> {
             sql.replace("{READY}", READY)
+                .replace("{SETTLE_FENCE}", SETTLE_FENCE)
                 .replace("{FENCE}", FENCE)
                 .replace("{COLS}", MESSAGE_COLUMNS)
                 .replace("{T}", &t)
@@ -180,6 +197,52 @@ SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked"
                 "UPDATE {P} p SET owner = NULL, lease_until = now()
 FROM unnest($2::int4[], $3::int8[]) AS l(partition, token)
 WHERE p.partition = l.partition AND p.token = l.token AND p.owner = $1"
+                    .to_string(),
+            ),
+            // ack, fail and release in one statement, all fenced: with the lease lost nothing is
+            // marked nor released. $1 owner, $2 partitions, $3 tokens, $4 published ids, $5..$8
+            // failures as for `fail` (ids, errors, retry times, attempts to add). A failure of a
+            // message also in $4 is ignored, as `fail` after `ack` would find it published (and
+            // one statement must not update a row twice).
+            settle: fill(
+                "WITH {SETTLE_FENCE},
+acked AS (
+    UPDATE {T} m SET published_at = now()
+    WHERE m.id = ANY($4::uuid[])
+      AND m.partition = ANY($2::int4[])
+      AND m.published_at IS NULL AND m.dead_at IS NULL
+      AND (SELECT ok FROM fence)
+    RETURNING 1
+),
+f AS (
+    SELECT * FROM unnest($5::uuid[], $6::text[], $7::timestamptz[], $8::int4[])
+        AS f(id, error, retry_at, n)
+    WHERE f.id <> ALL($4::uuid[])
+),
+failed AS (
+    UPDATE {T} m
+    SET attempts = least(m.attempts::int8 + f.n, 2147483647)::int4,
+        last_error = f.error,
+        available_at = coalesce(f.retry_at, m.available_at),
+        dead_at = CASE WHEN f.retry_at IS NULL THEN now() END
+    FROM f
+    WHERE m.id = f.id
+      AND m.id = ANY($5::uuid[])
+      AND m.partition = ANY($2::int4[])
+      AND m.published_at IS NULL AND m.dead_at IS NULL
+      AND (SELECT ok FROM fence)
+    RETURNING 1
+),
+released AS (
+    UPDATE {P} p SET owner = NULL, lease_until = now()
+    FROM unnest($2::int4[], $3::int8[]) AS l(partition, token)
+    WHERE p.partition = l.partition AND p.token = l.token AND p.owner = $1
+      AND (SELECT ok FROM fence)
+    RETURNING 1
+)
+SELECT (SELECT ok FROM fence) AS held,
+       (SELECT count(*) FROM acked) + (SELECT count(*) FROM failed) AS marked,
+       (SELECT count(*) FROM released) AS released"
                     .to_string(),
             ),
             // $1 before, $2 limit.

@@ -210,6 +210,64 @@ fn conflict(lease: &Lease) -> Error {
     ))
 }
 
+/// Failures as the `fail` statement takes them: one entry per message, in first-seen order.
+/// Several failures of one message apply in order, as separate calls would: each counts an
+/// attempt, the last error and retry time win, and nothing applies after the one that
+/// dead-letters it.
+struct FoldedFailures {
+    ids: Vec<Uuid>,
+    errors: Vec<String>,
+    retry_at: Vec<Option<DateTime<Utc>>>,
+    counts: Vec<i32>,
+}
+
+impl FoldedFailures {
+    fn new(failures: &[Failure]) -> FoldedFailures {
+        struct Folded {
+            n: i32,
+            error: String,
+            retry_at: Option<DateTime<Utc>>,
+        }
+        let mut order: Vec<MessageId> = Vec::new();
+        let mut folded: HashMap<MessageId, Folded> = HashMap::new();
+        for f in failures {
+            match folded.get_mut(&f.id) {
+                Some(prev) if prev.retry_at.is_none() => {}
+                Some(prev) => {
+                    prev.n = prev.n.saturating_add(1);
+                    prev.error = sanitize(&f.error);
+                    prev.retry_at = f.retry_at;
+                }
+                None => {
+                    order.push(f.id);
+                    folded.insert(
+                        f.id,
+                        Folded {
+                            n: 1,
+                            error: sanitize(&f.error),
+                            retry_at: f.retry_at,
+                        },
+                    );
+                }
+            }
+        }
+        let mut out = FoldedFailures {
+            ids: Vec::with_capacity(order.len()),
+            errors: Vec::with_capacity(order.len()),
+            retry_at: Vec::with_capacity(order.len()),
+            counts: Vec::with_capacity(order.len()),
+        };
+        for id in order {
+            let f = folded.remove(&id).expect("every id was folded");
+            out.ids.push(id.as_uuid());
+            out.errors.push(f.error);
+            out.retry_at.push(f.retry_at);
+            out.counts.push(f.n);
+        }
+        out
+    }
+}
+
 impl PgStore {
     /// Write `messages` to the outbox inside the caller's transaction and return their ids, in
     /// order. They become visible to relays when, and only if, the transaction commits; the
@@ -528,57 +586,16 @@ impl Store for PgStore {
     }
 
     async fn fail(&self, lease: &Lease, failures: &[Failure]) -> Result<()> {
-        // Several failures of one message apply in order, as separate calls would: each counts
-        // an attempt, the last error and retry time win, and nothing applies after the one that
-        // dead-letters it.
-        struct Folded {
-            n: i32,
-            error: String,
-            retry_at: Option<DateTime<Utc>>,
-        }
-        let mut order: Vec<MessageId> = Vec::new();
-        let mut folded: HashMap<MessageId, Folded> = HashMap::new();
-        for f in failures {
-            match folded.get_mut(&f.id) {
-                Some(prev) if prev.retry_at.is_none() => {}
-                Some(prev) => {
-                    prev.n = prev.n.saturating_add(1);
-                    prev.error = sanitize(&f.error);
-                    prev.retry_at = f.retry_at;
-                }
-                None => {
-                    order.push(f.id);
-                    folded.insert(
-                        f.id,
-                        Folded {
-                            n: 1,
-                            error: sanitize(&f.error),
-                            retry_at: f.retry_at,
-                        },
-                    );
-                }
-            }
-        }
-        let mut ids = Vec::with_capacity(order.len());
-        let mut errors = Vec::with_capacity(order.len());
-        let mut retry_at = Vec::with_capacity(order.len());
-        let mut counts = Vec::with_capacity(order.len());
-        for id in order {
-            let f = folded.remove(&id).expect("every id was folded");
-            ids.push(id.as_uuid());
-            errors.push(f.error);
-            retry_at.push(f.retry_at);
-            counts.push(f.n);
-        }
+        let f = FoldedFailures::new(failures);
         let (partitions, tokens) = lease_arrays(lease);
         let query = sqlx::query(sql(&self.inner.sql.fail))
             .bind(&lease.owner)
             .bind(partitions)
             .bind(tokens)
-            .bind(ids)
-            .bind(errors)
-            .bind(retry_at)
-            .bind(counts);
+            .bind(f.ids)
+            .bind(f.errors)
+            .bind(f.retry_at)
+            .bind(f.counts);
         self.fenced("record failures", lease, query)
             .await
             .map(|_| ())
@@ -594,6 +611,37 @@ impl Store for PgStore {
             .await
             .map_err(|e| db_error("release", e))?;
         Ok(())
+    }
+
+    /// Ack, fail and release in one statement (one round trip, one transaction), fenced as a
+    /// whole: with the lease lost, nothing is marked or released and the error is a conflict.
+    async fn settle(
+        &self,
+        lease: &Lease,
+        published: &[MessageId],
+        failures: &[Failure],
+    ) -> Result<()> {
+        if published.is_empty() && failures.is_empty() {
+            // Nothing to mark: a plain release, which is not fenced.
+            return self.release(lease).await;
+        }
+        let f = FoldedFailures::new(failures);
+        let (partitions, tokens) = lease_arrays(lease);
+        let query = sqlx::query(sql(&self.inner.sql.settle))
+            .bind(&lease.owner)
+            .bind(partitions)
+            .bind(tokens)
+            .bind(
+                published
+                    .iter()
+                    .map(|id| id.as_uuid())
+                    .collect::<Vec<Uuid>>(),
+            )
+            .bind(f.ids)
+            .bind(f.errors)
+            .bind(f.retry_at)
+            .bind(f.counts);
+        self.fenced("settle", lease, query).await.map(|_| ())
     }
 
     async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {

@@ -10,6 +10,17 @@
 //! outbox_testkit::model_suite!(my_store);
 //! outbox_testkit::e2e_suite!(my_store, outbox_testkit::memory::memory_broker);
 //! ```
+//!
+//! # Real backends
+//!
+//! Adapters are tested against real servers. [`backend::resolve`] picks one per backend
+//! (`postgres`, `mysql`, `mongo`, `kafka`, `amqp`): `OUTBOX_TEST_<BACKEND>_URL` if set; else,
+//! with the feature `containers` and a Docker socket (`DOCKER_HOST` or `/var/run/docker.sock`),
+//! a testcontainers container started once per test process (MongoDB as a replica set) and
+//! shared by its tests; else the test is skipped with a loud `*** SKIPPED ***` notice on stderr
+//! — unless `OUTBOX_TEST_REQUIRE` (a comma-separated list of backends, or `all`) names the
+//! backend, which makes the test fail instead. [`backend::url_or_skip`] is the same without
+//! containers. See [`backend`] for the URLs and the containers' clean-up.
 
 pub mod backend;
 pub mod faults;

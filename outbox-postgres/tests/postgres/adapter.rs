@@ -305,6 +305,134 @@ async fn an_expired_lease_is_taken_over_and_its_ack_conflicts() {
 }
 
 #[tokio::test]
+async fn settle_acks_fails_and_releases_in_one_fenced_call() {
+    let Some(db) = Db::fresh().await else { return };
+    let store = db.store(4).await;
+    let ids = put(
+        &store,
+        &[
+            msg("t", "k1", "1"),
+            msg("t", "k2", "2"),
+            msg("t", "k3", "3"),
+            msg("t", "k4", "4"),
+        ],
+    )
+    .await;
+    let failure = |id: MessageId, error: &str, retry_at| Failure {
+        id,
+        error: error.into(),
+        retry_at,
+    };
+    let retry_at = Utc::now() + chrono::Duration::hours(2);
+
+    let a = store
+        .claim(&req("relay-a", 10, Duration::from_millis(300)))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = store
+        .claim(&req("relay-b", 10, LONG))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.messages.len(), 4);
+
+    // The lost lease: a conflict, nothing marked, and b's lease is not released.
+    let err = store
+        .settle(
+            &a.lease,
+            &ids[..1],
+            &[failure(ids[1], "late", Some(retry_at))],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    let err = store
+        .settle(&a.lease, &[], &[failure(ids[1], "late", None)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    // Nothing to mark: a plain release, which is no error with a lost lease.
+    store.settle(&a.lease, &[], &[]).await.unwrap();
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.published, stats.dead), (4, 0, 0));
+    let more = put(&store, &[msg("t", "k1", "5")]).await;
+    assert!(
+        store
+            .claim(&req("relay-c", 10, LONG))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // The holder settles: ack wins over a failure of the same message (as ack then fail
+    // would), repeated failures fold, and the partitions are free at once.
+    store
+        .settle(
+            &b.lease,
+            &ids[..2],
+            &[
+                failure(ids[1], "published anyway", None),
+                failure(ids[2], "first", Some(retry_at)),
+                failure(ids[2], "second", Some(retry_at)),
+                failure(ids[3], "too large", None),
+                failure(ids[3], "after dead: ignored", Some(retry_at)),
+            ],
+        )
+        .await
+        .unwrap();
+    let table = format!("\"{}\".\"outbox\"", store.schema());
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT attempts, last_error, published_at IS NOT NULL AS published, \
+                dead_at IS NOT NULL AS dead FROM {table} ORDER BY seq"
+    )))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let state: Vec<(i32, Option<String>, bool, bool)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get("attempts"),
+                r.get("last_error"),
+                r.get("published"),
+                r.get("dead"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        state,
+        vec![
+            (0, None, true, false),
+            (0, None, true, false),
+            (2, Some("second".into()), false, false),
+            (1, Some("too large".into()), false, true),
+            (0, None, false, false),
+        ]
+    );
+    let c = store
+        .claim(&req("relay-c", 10, LONG))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        c.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        more,
+        "settle released b's partitions"
+    );
+    // Settled and released: b is fenced off now.
+    assert_eq!(
+        store.settle(&b.lease, &more, &[]).await.unwrap_err().kind(),
+        ErrorKind::Conflict
+    );
+    store.settle(&c.lease, &more, &[]).await.unwrap();
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.published, stats.dead), (1, 3, 1));
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn ack_only_marks_messages_of_the_leased_partitions() {
     let Some(db) = Db::fresh().await else { return };
     let store = db.store(64).await;

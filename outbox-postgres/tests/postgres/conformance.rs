@@ -1,20 +1,20 @@
 //! The testkit's conformance suites, run against the Postgres store (each scenario on fresh
-//! schemas made by [`PgHarness`](crate::common::PgHarness)).
+//! schemas made by the testkit's [`PgHarness`](outbox_testkit::postgres::PgHarness)).
 
 /// Every store scenario.
 mod store {
-    outbox_testkit::store_suite!(crate::common::make_harness);
+    outbox_testkit::store_suite!(outbox_testkit::postgres::postgres_store);
 }
 
 /// Model-based random histories (enqueue, rollback, relay steps, crashes, broker faults).
 mod model {
-    outbox_testkit::model_suite!(crate::common::make_harness);
+    outbox_testkit::model_suite!(outbox_testkit::postgres::postgres_store);
 }
 
 /// End to end with the testkit's in-memory broker.
 mod e2e {
     outbox_testkit::e2e_suite!(
-        crate::common::make_harness,
+        outbox_testkit::postgres::postgres_store,
         outbox_testkit::memory::memory_broker
     );
 }
