@@ -37,11 +37,12 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The test database's URL from `OUTBOX_TEST_POSTGRES_URL`, once the server answered, or
-/// `None` (a loud skip; a panic if `OUTBOX_TEST_REQUIRE` names postgres). The first call in a
-/// process also drops test schemas more than an hour old.
+/// The test database's URL (from `OUTBOX_TEST_POSTGRES_URL`, else a container with feature
+/// `containers`; see [`resolve`](crate::backend::resolve)), once the server answered, or `None`
+/// (a loud skip; a panic if `OUTBOX_TEST_REQUIRE` names postgres). The first call in a process
+/// also drops test schemas more than an hour old.
 pub async fn postgres_url() -> Option<String> {
-    let url = crate::backend::url_or_skip("postgres")?;
+    let url = crate::backend::resolve("postgres").await?;
     match PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10))
