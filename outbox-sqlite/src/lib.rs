@@ -133,9 +133,24 @@ impl SqliteStoreBuilder {
             return Err(Error::config("partitions must be within 1..=65536"));
         }
         if self.migrate {
-            migrator().run(&self.pool).await.map_err(|e| {
-                Error::new(ErrorKind::Config, "outbox migrations failed").with_source(e)
-            })?;
+            // sqlx takes no migration lock on SQLite, so two processes starting at once can
+            // both try to record the same version. The migrations are idempotent: run again,
+            // and the second run finds the version applied.
+            let mut attempt = 0u32;
+            loop {
+                match migrator().run(&self.pool).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < 5 => {
+                        attempt += 1;
+                        tracing::debug!(error = %e, attempt, "outbox migration raced; running it again");
+                        tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                    }
+                    Err(e) => {
+                        return Err(Error::new(ErrorKind::Config, "outbox migrations failed")
+                            .with_source(e));
+                    }
+                }
+            }
         }
         let mut tx = self
             .pool
