@@ -48,6 +48,17 @@ async fn claim<S: Store + ?Sized>(
         .ctx("claim")
 }
 
+/// A claim that must return work; `None` is a liveness violation.
+async fn claim_some<S: Store + ?Sized>(
+    store: &S,
+    owner: &str,
+    lease: Duration,
+) -> Result<Claim, Violation> {
+    claim(store, owner, lease)
+        .await?
+        .ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))
+}
+
 fn ids_of(c: &Option<Claim>) -> Vec<MessageId> {
     c.as_ref()
         .map(|c| c.messages.iter().map(|m| m.id).collect())
@@ -272,8 +283,7 @@ pub async fn lease_expiry_lets_another_relay_take_over<H: StoreHarness>(h: &H) -
     let store = fresh(h).await?;
     let t = topic();
     write(&store, &History::new(), &[msg(&t, "k", 0)], true).await?;
-    let a = claim(&store, "a", Duration::from_millis(400)).await?;
-    let a = a.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
+    let a = claim_some(&store, "a", Duration::from_millis(400)).await?;
     let b = claim(&store, "b", Duration::from_secs(30)).await?;
     ensure(b.is_none(), Guarantee::NoNeedlessDuplicates, || {
         "relay b claimed a partition while relay a's lease was valid".into()
@@ -320,8 +330,7 @@ pub async fn ack_with_an_expired_lease_is_rejected<H: StoreHarness>(h: &H) -> Ou
     let store = fresh(h).await?;
     let t = topic();
     write(&store, &History::new(), &[msg(&t, "k", 0)], true).await?;
-    let a = claim(&store, "a", Duration::from_millis(200)).await?;
-    let a = a.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
+    let a = claim_some(&store, "a", Duration::from_millis(200)).await?;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let ids = ids_of(&Some(a.clone()));
     let r = store.ack(&a.lease, &ids).await;
@@ -363,8 +372,7 @@ pub async fn failed_message_blocks_only_its_own_key<H: StoreHarness>(h: &H) -> O
         true,
     )
     .await?;
-    let c = claim(&store, "r", Duration::from_secs(30)).await?;
-    let c = c.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
+    let c = claim_some(&store, "r", Duration::from_secs(30)).await?;
     store
         .fail(
             &c.lease,
@@ -402,8 +410,7 @@ pub async fn retry_time_and_attempts_persist_across_relay_restarts<H: StoreHarne
     let store = fresh(h).await?;
     let t = topic();
     let ids = write(&store, &History::new(), &[msg(&t, "k", 0)], true).await?;
-    let c = claim(&store, "r1", Duration::from_secs(30)).await?;
-    let c = c.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
+    let c = claim_some(&store, "r1", Duration::from_secs(30)).await?;
     store
         .fail(
             &c.lease,
@@ -567,8 +574,7 @@ pub async fn purge_keeps_unpublished_dead_and_recent_rows<H: StoreHarness>(h: &H
         true,
     )
     .await?;
-    let c = claim(&store, "r", Duration::from_secs(30)).await?;
-    let c = c.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
+    let c = claim_some(&store, "r", Duration::from_secs(30)).await?;
     store.ack(&c.lease, &[ids[0]]).await.ctx("ack")?;
     store
         .fail(
@@ -586,8 +592,7 @@ pub async fn purge_keeps_unpublished_dead_and_recent_rows<H: StoreHarness>(h: &H
     let cutoff = Utc::now();
     tokio::time::sleep(Duration::from_millis(150)).await;
     let recent = write(&store, &hist, &[msg(&t, "recent", 0)], true).await?;
-    let c = claim(&store, "r", Duration::from_secs(30)).await?;
-    let c = c.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
+    let c = claim_some(&store, "r", Duration::from_secs(30)).await?;
     store.ack(&c.lease, &recent).await.ctx("ack")?;
     store.release(&c.lease).await.ctx("release")?;
     let purged = store.purge(cutoff, 100).await.ctx("purge")?;
@@ -614,8 +619,7 @@ pub async fn dead_letters_can_be_listed_requeued_and_deleted<H: StoreHarness>(h:
         true,
     )
     .await?;
-    let c = claim(&store, "r", Duration::from_secs(30)).await?;
-    let c = c.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
+    let c = claim_some(&store, "r", Duration::from_secs(30)).await?;
     let failures: Vec<Failure> = ids
         .iter()
         .map(|id| Failure {
@@ -1142,8 +1146,7 @@ pub async fn stats_report_the_backlog<H: StoreHarness>(h: &H) -> Outcome {
         Guarantee::Contract,
         || format!("stats after 3 commits: {s:?}"),
     )?;
-    let c = claim(&store, "r", Duration::from_secs(30)).await?;
-    let c = c.ok_or_else(|| Violation::new(Guarantee::Liveness, "nothing to claim"))?;
+    let c = claim_some(&store, "r", Duration::from_secs(30)).await?;
     store.ack(&c.lease, &ids).await.ctx("ack")?;
     store.release(&c.lease).await.ctx("release")?;
     let s = store.stats().await.ctx("stats")?;
