@@ -1,0 +1,165 @@
+//! The scenarios, and the drain run they share.
+
+pub(crate) mod drain;
+pub(crate) mod enqueue;
+pub(crate) mod latency;
+pub(crate) mod memory;
+pub(crate) mod scale;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use outbox_core::Broker;
+
+use crate::Settings;
+use crate::env::{BrokerEnv, BrokerSpec, StoreEnv, StoreSpec};
+use crate::probe::{Counter, NoopBroker, Probe, TimedStore, Timings};
+use crate::report::Summary;
+use crate::run::{self, RunOutcome};
+
+/// What the scenarios share: settings, reachable backends, results so far.
+pub(crate) struct Ctx {
+    pub(crate) s: Settings,
+    pub(crate) stores: Vec<StoreSpec>,
+    pub(crate) brokers: Vec<BrokerSpec>,
+    pub(crate) summary: Summary,
+    /// Relay drain rates by (store, broker, batch), for batching and latency.
+    pub(crate) drain_rates: HashMap<(&'static str, &'static str, usize), f64>,
+}
+
+impl Ctx {
+    pub(crate) fn new(s: Settings, stores: Vec<StoreSpec>, brokers: Vec<BrokerSpec>) -> Ctx {
+        Ctx {
+            s,
+            stores,
+            brokers,
+            summary: Summary::default(),
+            drain_rates: HashMap::new(),
+        }
+    }
+}
+
+/// One drain: a fresh store with a backlog of `backlog` messages, `relays` relays (each with
+/// its own store pool and broker connection, as separate processes would have) publishing
+/// to `broker`, or to a no-op broker when `None`, until the backlog is acked or `cap` passed.
+pub(crate) async fn drain_once(
+    s: &Settings,
+    store: &StoreSpec,
+    broker: Option<&BrokerSpec>,
+    batch: usize,
+    relays: usize,
+    backlog: u64,
+    cap: Duration,
+) -> Result<RunOutcome> {
+    let env = StoreEnv::create(store, 2).await?;
+    let outcome = drain_on(s, &env, broker, batch, relays, backlog, cap).await;
+    env.teardown().await?;
+    outcome
+}
+
+async fn drain_on(
+    s: &Settings,
+    env: &StoreEnv,
+    broker: Option<&BrokerSpec>,
+    batch: usize,
+    relays: usize,
+    backlog: u64,
+    cap: Duration,
+) -> Result<RunOutcome> {
+    let loaded = env.load(backlog, s.keys, &s.payload).await?;
+    tracing::info!(store = env.name(), ?loaded, backlog, "backlog loaded");
+    let benv = match broker {
+        Some(spec) => Some(BrokerEnv::create(spec).await?),
+        None => None,
+    };
+    let counter = Counter::new();
+    let timings = Timings::new();
+    let mut opened = Vec::new();
+    let mut built = Vec::new();
+    for r in 0..relays {
+        let store = env.relay_store(s.concurrency as u32 + 1).await?;
+        // Warm-up: connections open, the table read once (the backlog fits in memory).
+        store.stats().await?;
+        let inner: Arc<dyn Broker> = match &benv {
+            Some(b) => {
+                let ob = b.open().await?;
+                let d = ob.as_dyn();
+                let warm = d.publish(&run::messages(0..10, s.keys, &s.payload)).await;
+                if let Some(Err(e)) = warm.into_iter().find(|o| o.is_err()) {
+                    bail!("warm-up publish to {} failed: {e}", b.spec.name());
+                }
+                opened.push(ob);
+                d
+            }
+            None => Arc::new(NoopBroker),
+        };
+        built.push(run::relay(
+            TimedStore::wrap(store, timings.clone()),
+            Probe::wrap(inner, counter.clone(), Some(timings.clone())),
+            batch,
+            s.concurrency,
+            format!("bench-relay-{r}"),
+        )?);
+    }
+    let outcome = run::run_relays(&built, &counter, backlog, cap)
+        .await
+        .map(|o| RunOutcome {
+            steps: Some(timings.cell()),
+            ..o
+        });
+    tracing::info!(
+        store = env.name(),
+        broker = broker.map_or("noop", |b| b.name()),
+        batch,
+        relays,
+        outcome = ?outcome.as_ref().ok(),
+        "drain done"
+    );
+    drop(built);
+    for ob in opened {
+        ob.close().await;
+    }
+    if let Some(b) = benv {
+        b.teardown().await?;
+    }
+    outcome
+}
+
+/// The experimental pipelined relay loop ([`run::pipelined_relay`]) on a fresh store and
+/// broker destination.
+pub(crate) async fn pipelined_once(
+    s: &Settings,
+    store: &StoreSpec,
+    broker: &BrokerSpec,
+    batch: usize,
+) -> Result<RunOutcome> {
+    let env = StoreEnv::create(store, 2).await?;
+    let outcome = async {
+        env.load(s.backlog(batch), s.keys, &s.payload).await?;
+        let benv = BrokerEnv::create(broker).await?;
+        let st = env.relay_store(s.concurrency as u32 + 2).await?;
+        st.stats().await?;
+        let ob = benv.open().await?;
+        let d = ob.as_dyn();
+        d.publish(&run::messages(0..10, s.keys, &s.payload)).await;
+        let o = run::pipelined_relay(
+            st,
+            d,
+            run::Plan {
+                batch,
+                concurrency: s.concurrency,
+                target: s.backlog(batch),
+                cap: s.cap(batch),
+            },
+        )
+        .await;
+        ob.close().await;
+        benv.teardown().await?;
+        o
+    }
+    .await;
+    env.teardown().await?;
+    outcome
+}
