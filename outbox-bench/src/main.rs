@@ -76,9 +76,14 @@ struct Cli {
     /// Batch sizes of the drain scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100,500")]
     batch_sizes: Vec<usize>,
-    /// Batches in flight per relay (the relay's `concurrency`, default 2 as in the relay).
+    /// Batches in flight: of every ceiling, and of the relays (the relay's `concurrency`,
+    /// default 2 as in the relay) unless --relay-concurrency says otherwise.
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
+    /// Batches in flight per relay under test, if it should differ from --concurrency (the
+    /// ceilings and the no-op relay keep --concurrency).
+    #[arg(long)]
+    relay_concurrency: Option<usize>,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 1024)]
     payload: usize,
@@ -151,6 +156,7 @@ pub(crate) struct Settings {
     pub(crate) messages: u64,
     pub(crate) batch_sizes: Vec<usize>,
     pub(crate) concurrency: usize,
+    pub(crate) relay_concurrency: usize,
     pub(crate) payload: Bytes,
     pub(crate) keys: u64,
     pub(crate) small_batch_cap: Duration,
@@ -180,6 +186,7 @@ impl Settings {
             messages: cli.messages.unwrap_or(if q { 4_000 } else { 100_000 }),
             batch_sizes: cli.batch_sizes.clone(),
             concurrency: cli.concurrency.max(1),
+            relay_concurrency: cli.relay_concurrency.unwrap_or(cli.concurrency).max(1),
             payload: env::payload(cli.payload),
             keys: cli.keys.max(1),
             small_batch_cap: secs(cli.small_batch_cap, 0.5, 5.0),
@@ -299,13 +306,21 @@ async fn main() -> Result<()> {
     println!(
         "- settings: payload {} B, {} keys round robin, backlog {} per run, time cap per run {} \
          (batch < 100) / {} (batch ≥ 100), relay concurrency {}, relay defaults otherwise \
-         (lease 30 s, poll 1 s, 8 partitions per claim, housekeeping 10 s)",
+         (lease 30 s, poll 1 s, 8 partitions per claim, housekeeping 10 s){}",
         s.payload.len(),
         s.keys,
         s.messages,
         report::secs(s.small_batch_cap),
         report::secs(s.large_batch_cap),
-        s.concurrency
+        s.concurrency,
+        if s.relay_concurrency != s.concurrency {
+            format!(
+                "; relays under test run concurrency {} (ceilings keep {})",
+                s.relay_concurrency, s.concurrency
+            )
+        } else {
+            String::new()
+        }
     );
 
     let waited = std::time::Instant::now();

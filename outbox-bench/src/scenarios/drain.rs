@@ -48,14 +48,15 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
     println!("\n## drain\n");
     println!(
         "One relay (concurrency {}) drains a committed backlog of {} messages; every ceiling \
-         runs the same batch size and the same number of batches in flight. Rates in msg/s; \
+         runs the same batch size with {} batches in flight. Rates in msg/s; \
          `*`: the run hit its time cap ({} below batch 100, {} from 100) before the backlog \
          was done, rate over what was done. cpu: busy CPUs of the whole machine / CPUs of the \
          bench process (the relay or producer), averaged over the run. CPU µs/msg: CPU time \
          per message of the database (postgres processes) / the broker (RabbitMQ's beam.smp, \
          tansu) / the bench process / every other process, over the run.",
-        s.concurrency,
+        s.relay_concurrency,
         s.messages,
+        s.concurrency,
         secs(s.small_batch_cap),
         secs(s.large_batch_cap),
     );

@@ -44,7 +44,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
         s.latency_load,
         s.batch,
         s.batch,
-        s.concurrency,
+        s.relay_concurrency,
         crate::report::secs(s.latency_secs),
         crate::report::secs(s.latency_warmup),
     );
@@ -229,13 +229,13 @@ async fn measure_on(
     let relay_store = match store {
         // SQLite wakes relays in the process that committed, through the same store.
         StoreSpec::Sqlite => env.writer_store(),
-        StoreSpec::Postgres(_) => env.relay_store(s.concurrency as u32 + 1).await?,
+        StoreSpec::Postgres(_) => env.relay_store(s.relay_concurrency as u32 + 1).await?,
     };
     let relay = run::relay(
         TimedStore::wrap(relay_store, timings.clone()),
         Probe::wrap(inner, counter.clone(), Some(timings.clone())),
         s.batch,
-        s.concurrency,
+        s.relay_concurrency,
         "bench-latency".into(),
     )?;
     let (stop, stopped) = tokio::sync::watch::channel(false);

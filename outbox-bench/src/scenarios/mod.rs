@@ -78,8 +78,14 @@ async fn drain_on(
     let timings = Timings::new();
     let mut opened = Vec::new();
     let mut built = Vec::new();
+    // The no-op relay is a ceiling: it keeps the ceilings' concurrency.
+    let concurrency = if broker.is_some() {
+        s.relay_concurrency
+    } else {
+        s.concurrency
+    };
     for r in 0..relays {
-        let store = env.relay_store(s.concurrency as u32 + 1).await?;
+        let store = env.relay_store(concurrency as u32 + 1).await?;
         // Warm-up: connections open, the table read once (the backlog fits in memory).
         store.stats().await?;
         let inner: Arc<dyn Broker> = match &benv {
@@ -99,7 +105,7 @@ async fn drain_on(
             TimedStore::wrap(store, timings.clone()),
             Probe::wrap(inner, counter.clone(), Some(timings.clone())),
             batch,
-            s.concurrency,
+            concurrency,
             format!("bench-relay-{r}"),
         )?);
     }

@@ -12,7 +12,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
         "R relays (each with its own store pool and broker connection, concurrency {}, batch {}) \
          drain one backlog of {} messages; a wrapper around the broker counts every confirmed \
          id.",
-        s.concurrency, s.batch, s.messages
+        s.relay_concurrency, s.batch, s.messages
     );
     let mut t = Table::new(
         "scale: relays on one backlog",
