@@ -3,10 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_core::{DeadLetters, NewMessage, Relay, RetryPolicy};
+use outbox_core::{DeadLetters, NewMessage, Relay};
 
 use super::util::{
-    Consumer, ConsumerFaults, Ctx, drained, effects_of, ensure, eventually, msg, spawn_relay, write,
+    Consumer, ConsumerFaults, Ctx, drained, effects_of, ensure, eventually, msg, spawn_relay,
+    test_relay, write,
 };
 use crate::faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op};
 use crate::harness::{BrokerHarness, Effects, StoreHarness};
@@ -15,23 +16,18 @@ use crate::history::{CheckOptions, Guarantee, History, Violation};
 type Outcome = Result<(), Violation>;
 
 fn relay<S: outbox_core::Store>(store: S, broker: FaultyBroker, id: &str) -> Relay {
-    Relay::builder(Arc::new(store), Arc::new(broker))
-        .relay_id(id)
-        .batch_size(20)
-        .concurrency(2)
-        .partitions_per_claim(4)
-        .lease(Duration::from_secs(2))
-        .poll_interval(Duration::from_millis(20))
-        .retry(RetryPolicy {
-            initial: Duration::from_millis(5),
-            max: Duration::from_millis(100),
-            multiplier: 2.0,
-            jitter: 0.5,
-            max_attempts: 10_000,
-        })
-        .retention(None)
-        .build()
-        .expect("valid settings")
+    test_relay(
+        Arc::new(store),
+        Arc::new(broker),
+        id,
+        Duration::from_millis(5),
+        Duration::from_millis(100),
+        10_000,
+    )
+    .batch_size(20)
+    .lease(Duration::from_secs(2))
+    .build()
+    .expect("valid settings")
 }
 
 async fn run<H: StoreHarness, B: BrokerHarness>(

@@ -14,7 +14,7 @@ use outbox_core::{
 
 use super::util::{
     Consumer, ConsumerFaults, Ctx, drained, effects_of, ensure, eventually, msg, relay_for,
-    spawn_relay, write,
+    spawn_relay, test_relay, write,
 };
 use crate::faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op};
 use crate::harness::{Effects, StoreHarness};
@@ -873,27 +873,21 @@ pub async fn four_relays_with_crashes_keep_per_key_order<H: StoreHarness>(h: &H)
         ],
     );
     let make = |r: usize, generation: usize| {
-        Relay::builder(
+        test_relay(
             Arc::new(FaultyStore::new(store.clone(), store_plan.clone())),
             Arc::new(
                 FaultyBroker::new(Arc::new(broker.clone()), broker_plan.clone())
                     .with_history(history.clone()),
             ),
+            &format!("r{r}-{generation}"),
+            Duration::from_millis(2),
+            Duration::from_millis(20),
+            10_000,
         )
-        .relay_id(format!("r{r}-{generation}"))
         .batch_size(8)
-        .concurrency(2)
         .partitions_per_claim(2)
         .lease(Duration::from_millis(250))
         .poll_interval(Duration::from_millis(10))
-        .retry(RetryPolicy {
-            initial: Duration::from_millis(2),
-            max: Duration::from_millis(20),
-            multiplier: 2.0,
-            jitter: 0.5,
-            max_attempts: 10_000,
-        })
-        .retention(None)
         .build()
         .expect("valid settings")
     };

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use outbox_core::{
-    Broker, Delivery, Error, MessageId, NewMessage, Relay, RetryPolicy, Seen, Store, Subscriber,
+    Broker, Delivery, Error, MessageId, NewMessage, Relay, RelayBuilder, RetryPolicy, Seen, Store,
+    Subscriber,
 };
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
@@ -38,25 +39,46 @@ pub(crate) fn ensure(
     }
 }
 
-/// A relay tuned for tests: small batches, short polls, fast retries, no purge.
-pub fn relay_for(store: Arc<dyn Store>, broker: Arc<dyn Broker>, id: &str) -> Relay {
+/// The base of every test relay: 2 batches in flight, 4 partitions per claim, 20 ms polls,
+/// fast exponential retries (`initial`, doubling to `max`, half jitter) and no purge. Callers
+/// override what their scenario needs.
+pub(crate) fn test_relay(
+    store: Arc<dyn Store>,
+    broker: Arc<dyn Broker>,
+    id: &str,
+    initial: Duration,
+    max: Duration,
+    max_attempts: u32,
+) -> RelayBuilder {
     Relay::builder(store, broker)
         .relay_id(id)
-        .batch_size(50)
         .concurrency(2)
         .partitions_per_claim(4)
-        .lease(Duration::from_secs(5))
         .poll_interval(Duration::from_millis(20))
         .retry(RetryPolicy {
-            initial: Duration::from_millis(5),
-            max: Duration::from_millis(50),
+            initial,
+            max,
             multiplier: 2.0,
             jitter: 0.5,
-            max_attempts: 1000,
+            max_attempts,
         })
         .retention(None)
-        .build()
-        .expect("test relay settings are valid")
+}
+
+/// A relay tuned for tests: small batches, short polls, fast retries, no purge.
+pub fn relay_for(store: Arc<dyn Store>, broker: Arc<dyn Broker>, id: &str) -> Relay {
+    test_relay(
+        store,
+        broker,
+        id,
+        Duration::from_millis(5),
+        Duration::from_millis(50),
+        1000,
+    )
+    .batch_size(50)
+    .lease(Duration::from_secs(5))
+    .build()
+    .expect("test relay settings are valid")
 }
 
 pub(crate) fn msg(topic: &str, key: &str, n: usize) -> NewMessage {
