@@ -310,8 +310,16 @@ impl Relay {
                 );
                 break;
             }
-            let owned: Vec<Message> = batch.iter().map(|m| (*m).clone()).collect();
-            let mut outcomes = inner.broker.publish(&owned).await.into_iter();
+            // Waves keep claim order, so a wave as long as the claim is the claim itself (the
+            // usual case: one message per key): publish it without copying.
+            let owned: Vec<Message>;
+            let to_publish: &[Message] = if batch.len() == claim.messages.len() {
+                &claim.messages
+            } else {
+                owned = batch.iter().map(|m| (*m).clone()).collect();
+                &owned
+            };
+            let mut outcomes = inner.broker.publish(to_publish).await.into_iter();
             for message in &batch {
                 let outcome = outcomes.next().unwrap_or_else(|| {
                     Err(Error::transient(
