@@ -22,7 +22,9 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// Most messages per claim (default 100).
     pub batch_size: usize,
-    /// Batches in flight at once, each with its own claim (default 2).
+    /// Claim loops (default 2). Each loop has up to two batches out: one publishing while the
+    /// next is claimed and the one before is recorded in the store, so a relay leases at most
+    /// `2 × concurrency × partitions_per_claim` partitions at a time.
     pub concurrency: usize,
     /// Most partitions per claim (default 8).
     pub partitions_per_claim: usize,
@@ -73,7 +75,7 @@ impl RelayBuilder {
         self.config.batch_size = n;
         self
     }
-    /// Batches in flight at once.
+    /// Claim loops (see [`RelayConfig::concurrency`]).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.config.concurrency = n;
         self
@@ -188,6 +190,23 @@ pub struct BatchReport {
     pub lease_lost: bool,
 }
 
+/// A claimed batch on its way through a worker.
+struct Batch {
+    claim: crate::Claim,
+    /// When the claim was asked for: the lease cannot have started earlier.
+    started: Instant,
+    span: tracing::Span,
+}
+
+/// What publishing a batch did, before it is recorded in the store.
+#[derive(Default)]
+struct Outcome {
+    published: Vec<crate::MessageId>,
+    failures: Vec<Failure>,
+    retried: usize,
+    dead_lettered: usize,
+}
+
 struct Inner {
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
@@ -251,6 +270,22 @@ impl Relay {
 
     /// Claim, publish and settle one batch. Returns an empty report when nothing was ready.
     pub async fn run_once(&self) -> Result<BatchReport> {
+        match self.claim_next().await? {
+            Some(batch) => {
+                let span = batch.span.clone();
+                async {
+                    let outcome = self.publish_batch(&batch).await;
+                    self.settle_batch(batch, outcome).await
+                }
+                .instrument(span)
+                .await
+            }
+            None => Ok(BatchReport::default()),
+        }
+    }
+
+    /// Claim the next batch under a lease.
+    async fn claim_next(&self) -> Result<Option<Batch>> {
         let inner = &self.inner;
         let cfg = &inner.config;
         let started = Instant::now();
@@ -264,7 +299,7 @@ impl Relay {
             })
             .await?;
         let Some(claim) = claim else {
-            return Ok(BatchReport::default());
+            return Ok(None);
         };
         inner.counters.batches.fetch_add(1, Ordering::Relaxed);
         let span = info_span!(
@@ -273,31 +308,36 @@ impl Relay {
             claimed = claim.messages.len(),
             partitions = claim.lease.partitions.len()
         );
-        self.settle_batch(claim, started).instrument(span).await
+        Ok(Some(Batch {
+            claim,
+            started,
+            span,
+        }))
     }
 
-    async fn settle_batch(&self, claim: crate::Claim, started: Instant) -> Result<BatchReport> {
+    /// Publish a claimed batch wave by wave; says which messages were confirmed and which
+    /// failed. Nothing is written to the store here.
+    async fn publish_batch(&self, batch: &Batch) -> Outcome {
         let inner = &self.inner;
         let cfg = &inner.config;
+        let claim = &batch.claim;
         // Stop publishing well before the store's lease runs out: `started` precedes the
         // store's clock reading, so this deadline is never later than the lease's.
-        let deadline = started + cfg.lease - cfg.lease / 5;
-        let mut report = BatchReport {
-            claimed: claim.messages.len(),
-            ..BatchReport::default()
+        let deadline = batch.started + cfg.lease - cfg.lease / 5;
+        let mut out = Outcome {
+            published: Vec::with_capacity(claim.messages.len()),
+            ..Outcome::default()
         };
-        let mut published = Vec::with_capacity(claim.messages.len());
-        let mut failures = Vec::new();
         // A key whose message failed (or was not sent) sends nothing more in this batch, so a
         // later message of that key can never be first delivered before an earlier one.
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
         for wave in waves(&claim.messages) {
-            let batch: Vec<&Message> = wave
+            let sending: Vec<&Message> = wave
                 .into_iter()
                 .filter(|m| !blocked.contains(m.key.as_str()))
                 .collect();
-            if batch.is_empty() {
+            if sending.is_empty() {
                 continue;
             }
             if Instant::now() >= deadline {
@@ -313,14 +353,14 @@ impl Relay {
             // Waves keep claim order, so a wave as long as the claim is the claim itself (the
             // usual case: one message per key): publish it without copying.
             let owned: Vec<Message>;
-            let to_publish: &[Message] = if batch.len() == claim.messages.len() {
+            let to_publish: &[Message] = if sending.len() == claim.messages.len() {
                 &claim.messages
             } else {
-                owned = batch.iter().map(|m| (*m).clone()).collect();
+                owned = sending.iter().map(|m| (*m).clone()).collect();
                 &owned
             };
             let mut outcomes = inner.broker.publish(to_publish).await.into_iter();
-            for message in &batch {
+            for message in &sending {
                 let outcome = outcomes.next().unwrap_or_else(|| {
                     Err(Error::transient(
                         "the broker returned fewer outcomes than messages",
@@ -328,7 +368,7 @@ impl Relay {
                 });
                 match outcome {
                     Ok(()) => {
-                        published.push(message.id);
+                        out.published.push(message.id);
                         if message.attempts == 0 {
                             let age = (Utc::now() - message.created_at).num_microseconds();
                             histogram!("outbox_commit_to_publish_seconds")
@@ -341,17 +381,17 @@ impl Relay {
                         let permanent = error.kind() == ErrorKind::Permanent;
                         let retry_at = match cfg.retry.decide(attempts, permanent, &mut rng) {
                             RetryDecision::RetryAfter(d) => {
-                                report.retried += 1;
+                                out.retried += 1;
                                 Some(Utc::now() + d)
                             }
                             RetryDecision::DeadLetter => {
-                                report.dead_lettered += 1;
+                                out.dead_lettered += 1;
                                 None
                             }
                         };
                         warn!(id = %message.id, topic = %message.topic, attempts, %error,
                             dead_letter = retry_at.is_none(), "publish failed");
-                        failures.push(Failure {
+                        out.failures.push(Failure {
                             id: message.id,
                             error: error.to_string(),
                             retry_at,
@@ -360,8 +400,26 @@ impl Relay {
                 }
             }
         }
-        report.deferred = report.claimed - published.len() - failures.len();
+        out
+    }
 
+    /// Record a batch's outcome in the store (ack, fail, release in one call) and count it.
+    async fn settle_batch(&self, batch: Batch, outcome: Outcome) -> Result<BatchReport> {
+        let inner = &self.inner;
+        let claim = batch.claim;
+        let Outcome {
+            published,
+            failures,
+            retried,
+            dead_lettered,
+        } = outcome;
+        let mut report = BatchReport {
+            claimed: claim.messages.len(),
+            retried,
+            dead_lettered,
+            deferred: claim.messages.len() - published.len() - failures.len(),
+            ..BatchReport::default()
+        };
         let settled =
             retry_transient(|| inner.store.settle(&claim.lease, &published, &failures)).await;
         if settled.is_err()
@@ -397,8 +455,9 @@ impl Relay {
     }
 
     /// Run until `shutdown` resolves: `concurrency` claim loops plus housekeeping (purge,
-    /// backlog gauges). On shutdown, batches in flight finish publishing and acking, and their
-    /// leases are released. Returns the counters.
+    /// backlog gauges). On shutdown, batches being published finish publishing and acking, a
+    /// batch claimed ahead is released unpublished, and every lease is released. Returns the
+    /// counters.
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<RelayStats> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
@@ -422,9 +481,16 @@ impl Relay {
         Ok(self.stats())
     }
 
+    /// One claim loop. It overlaps consecutive batches: while batch `i` publishes, the worker
+    /// claims batch `i + 1` and records batch `i - 1` in the store, so broker and store work
+    /// at the same time instead of taking turns. Per-key order is unaffected: a batch's
+    /// partitions stay leased until its settle, so the overlapping claim takes other
+    /// partitions, and a fresh claim (nothing was claimed ahead) first waits for the last
+    /// settle so it can take the partitions that settle frees.
     async fn worker(&self, worker: usize, mut stop: watch::Receiver<bool>) {
         let inner = &self.inner;
         let cfg = &inner.config;
+        let span = info_span!("outbox.relay", worker);
         let mut wake = inner.store.wake_ups();
         let mut error_streak: u32 = 0;
         let error_backoff = RetryPolicy {
@@ -433,20 +499,57 @@ impl Relay {
             jitter: 0.5,
             ..RetryPolicy::default()
         };
+        // Claimed while the previous batch published; published next.
+        let mut ahead: Option<Batch> = None;
+        // Published, not yet recorded in the store.
+        let mut settling = None;
         while !*stop.borrow() {
-            if let Some(w) = wake.as_mut() {
-                w.borrow_and_update();
-            }
-            let pause = match self
-                .run_once()
-                .instrument(info_span!("outbox.relay", worker))
-                .await
-            {
-                Ok(r) if r.claimed > 0 => {
+            let current = match ahead.take() {
+                Some(batch) => Ok(Some(batch)),
+                None => {
+                    if let Some(settle) = settling.take() {
+                        settle.await;
+                    }
+                    if let Some(w) = wake.as_mut() {
+                        w.borrow_and_update();
+                    }
+                    self.claim_next().instrument(span.clone()).await
+                }
+            };
+            let pause = match current {
+                Ok(Some(batch)) => {
                     error_streak = 0;
+                    if let Some(w) = wake.as_mut() {
+                        w.borrow_and_update();
+                    }
+                    let claim_ahead = !*stop.borrow();
+                    let previous = settling.take();
+                    let (outcome, next, ()) = tokio::join!(
+                        self.publish_batch(&batch).instrument(batch.span.clone()),
+                        async {
+                            if claim_ahead {
+                                self.claim_next().instrument(span.clone()).await
+                            } else {
+                                Ok(None)
+                            }
+                        },
+                        async {
+                            if let Some(settle) = previous {
+                                settle.await;
+                            }
+                        },
+                    );
+                    settling = Some(self.settle_in_worker(batch, outcome));
+                    match next {
+                        Ok(next) => ahead = next,
+                        Err(e) => {
+                            inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+                            warn!(error = %e, worker, "claim failed; trying again after this batch");
+                        }
+                    }
                     continue;
                 }
-                Ok(_) => {
+                Ok(None) => {
                     error_streak = 0;
                     cfg.poll_interval
                 }
@@ -472,6 +575,24 @@ impl Relay {
                 _ = woken => {}
                 _ = stop.changed() => {}
             }
+        }
+        if let Some(settle) = settling.take() {
+            settle.await;
+        }
+        if let Some(batch) = ahead.take()
+            && let Err(e) = inner.store.release(&batch.claim.lease).await
+        {
+            debug!(error = %e, "lease release failed; it expires by itself");
+        }
+    }
+
+    /// Settle a batch for [`worker`](Self::worker), which has no caller to return errors to.
+    async fn settle_in_worker(&self, batch: Batch, outcome: Outcome) {
+        let span = batch.span.clone();
+        if let Err(e) = self.settle_batch(batch, outcome).instrument(span).await {
+            self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "recording a batch in the store failed; its messages are \
+                  published again once the lease is released or expires");
         }
     }
 

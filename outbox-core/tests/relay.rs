@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use outbox_core::memory::{MemoryBroker, MemoryStore};
 use outbox_core::{
-    Broker, ClaimRequest, Enqueue, Message, NewMessage, Relay, Result, Store, Transactional,
-    async_trait,
+    BacklogStats, Broker, Claim, ClaimRequest, Enqueue, Failure, Lease, Message, MessageId,
+    NewMessage, Relay, RelayStats, Result, Store, Transactional, async_trait, partition_for,
 };
 
 /// A broker that takes `delay` to confirm, and counts publishes in flight.
@@ -25,6 +25,37 @@ impl Broker for Slow {
         let out = self.inner.publish(messages).await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         out
+    }
+}
+
+/// A relay running in the background until [`Running::stop`].
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    run: tokio::task::JoinHandle<Result<RelayStats>>,
+}
+
+impl Running {
+    fn start(relay: &Relay) -> Running {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let relay = relay.clone();
+        let run = tokio::spawn(async move {
+            relay
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Running { stop, run }
+    }
+
+    /// Shut the relay down; fails the test if that takes over 5 s.
+    async fn stop(self) -> RelayStats {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), self.run)
+            .await
+            .expect("shutdown took too long")
+            .unwrap()
+            .unwrap()
     }
 }
 
@@ -48,28 +79,17 @@ async fn shutdown_finishes_in_flight_publishes_and_releases_leases() {
     });
     commit(&store, 20).await;
     let relay = Relay::builder(Arc::new(store.clone()), broker.clone())
+        .partitions_per_claim(64)
         .lease(Duration::from_secs(60))
         .poll_interval(Duration::from_millis(10))
         .build()
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let running = Running::start(&relay);
     // Shut down while the publish is in flight.
     while broker.in_flight.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    stop.send(()).unwrap();
-    let stats = tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("shutdown took too long")
-        .unwrap()
-        .unwrap();
+    let stats = running.stop().await;
     assert_eq!(
         stats.published, 20,
         "the in-flight batch was not finished: {stats:?}"
@@ -91,6 +111,147 @@ async fn shutdown_finishes_in_flight_publishes_and_releases_leases() {
     assert_eq!(claim.messages.len(), 20);
 }
 
+/// Commit `n` (at most 64) messages whose keys all fall in different partitions of the
+/// default 64, so a claim can always take the next messages while earlier ones are leased.
+async fn commit_spread(store: &MemoryStore, n: usize) {
+    let mut used = std::collections::HashSet::new();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("k{i}"))
+        .filter(|k| used.insert(partition_for(k, 64)))
+        .take(n)
+        .collect();
+    let mut tx = store.begin().await.unwrap();
+    let msgs: Vec<NewMessage> = keys
+        .into_iter()
+        .map(|k| NewMessage::new("t", k, b"x".to_vec()))
+        .collect();
+    store.enqueue(&mut tx, &msgs).await.unwrap();
+    store.commit(tx).await.unwrap();
+}
+
+/// A store that counts the claims that returned work while a publish was in flight.
+struct Watching {
+    inner: MemoryStore,
+    broker: Arc<Slow>,
+    claims_during_publish: AtomicUsize,
+}
+
+#[async_trait]
+impl Store for Watching {
+    async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claim>> {
+        let publishing = self.broker.in_flight.load(Ordering::SeqCst) > 0;
+        let claim = self.inner.claim(request).await?;
+        if publishing && claim.is_some() {
+            self.claims_during_publish.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(claim)
+    }
+    async fn ack(&self, lease: &Lease, ids: &[MessageId]) -> Result<()> {
+        self.inner.ack(lease, ids).await
+    }
+    async fn fail(&self, lease: &Lease, failures: &[Failure]) -> Result<()> {
+        self.inner.fail(lease, failures).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.inner.release(lease).await
+    }
+    async fn purge(&self, before: chrono::DateTime<chrono::Utc>, limit: usize) -> Result<u64> {
+        self.inner.purge(before, limit).await
+    }
+    async fn stats(&self) -> Result<BacklogStats> {
+        self.inner.stats().await
+    }
+}
+
+fn slow(memory: &MemoryBroker, delay: Duration) -> Arc<Slow> {
+    Arc::new(Slow {
+        inner: memory.clone(),
+        delay,
+        in_flight: AtomicUsize::new(0),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_claims_the_next_batch_while_the_current_one_publishes() {
+    let memory = MemoryBroker::new();
+    let broker = slow(&memory, Duration::from_millis(50));
+    let store = Arc::new(Watching {
+        inner: MemoryStore::new(),
+        broker: broker.clone(),
+        claims_during_publish: AtomicUsize::new(0),
+    });
+    commit_spread(&store.inner, 50).await;
+    let relay = Relay::builder(store.clone(), broker.clone())
+        .concurrency(1)
+        .batch_size(10)
+        .partitions_per_claim(64)
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let running = Running::start(&relay);
+    let started = std::time::Instant::now();
+    while relay.stats().published < 50 {
+        assert!(started.elapsed() < Duration::from_secs(10), "not drained");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    running.stop().await;
+    assert_eq!(
+        memory.published("t").len(),
+        50,
+        "each message published once"
+    );
+    // Batches 2..=5 were claimed while the batch before them was publishing.
+    assert!(
+        store.claims_during_publish.load(Ordering::SeqCst) >= 4,
+        "claims did not overlap publishing: {}",
+        store.claims_during_publish.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_a_batch_claimed_ahead_without_publishing_it() {
+    let store = MemoryStore::new();
+    let memory = MemoryBroker::new();
+    let broker = slow(&memory, Duration::from_millis(400));
+    commit_spread(&store, 30).await;
+    let relay = Relay::builder(Arc::new(store.clone()), broker.clone())
+        .concurrency(1)
+        .batch_size(10)
+        .partitions_per_claim(64)
+        .lease(Duration::from_secs(60))
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let running = Running::start(&relay);
+    while broker.in_flight.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Give the worker time to claim the next batch ahead.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats = running.stop().await;
+    assert_eq!(
+        stats.published, 10,
+        "only the batch being published is finished"
+    );
+    assert_eq!(
+        stats.batches, 2,
+        "the next batch was claimed ahead: {stats:?}"
+    );
+    assert_eq!(memory.published("t").len(), 10);
+    // Both 60 s leases were released: the other 20 messages can be claimed at once.
+    let claim = store
+        .claim(&ClaimRequest {
+            owner: "next".into(),
+            max_messages: 100,
+            max_partitions: 64,
+            lease: Duration::from_secs(5),
+        })
+        .await
+        .unwrap()
+        .expect("partitions still leased after shutdown");
+    assert_eq!(claim.messages.len(), 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_wakes_an_idle_relay_long_before_its_poll_interval() {
     let store = MemoryStore::new();
@@ -99,14 +260,7 @@ async fn a_commit_wakes_an_idle_relay_long_before_its_poll_interval() {
         .poll_interval(Duration::from_secs(60))
         .build()
         .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let running = Running::start(&relay);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
     commit(&store, 1).await;
@@ -118,8 +272,7 @@ async fn a_commit_wakes_an_idle_relay_long_before_its_poll_interval() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert!(started.elapsed() < Duration::from_millis(500));
-    stop.send(()).unwrap();
-    run.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]
