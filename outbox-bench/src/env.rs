@@ -239,7 +239,20 @@ pub(crate) enum Writer {
         pool: PgPool,
         store: PgStore,
         insert_order: Arc<str>,
+        insert_floor: Arc<str>,
     },
+}
+
+/// What the business transaction writes besides its order row.
+#[derive(Clone, Copy)]
+pub(crate) enum Extra<'a> {
+    /// Nothing: the bare transaction.
+    Nothing,
+    /// One message through the outbox.
+    Enqueue(&'a NewMessage),
+    /// The floor of any outbox: one more statement inserting the payload into a table with no
+    /// index, no lock and no notification.
+    Floor(&'a [u8]),
 }
 
 const SQLITE_ORDERS: &str = "CREATE TABLE bench_orders (
@@ -248,6 +261,8 @@ const SQLITE_ORDERS: &str = "CREATE TABLE bench_orders (
     total_cents INTEGER NOT NULL,
     status TEXT NOT NULL,
     created_at INTEGER NOT NULL)";
+const SQLITE_FLOOR: &str = "CREATE TABLE bench_floor (payload BLOB NOT NULL)";
+const SQLITE_INSERT_FLOOR: &str = "INSERT INTO bench_floor (payload) VALUES (?)";
 const SQLITE_INSERT_ORDER: &str = "INSERT INTO bench_orders (customer, total_cents, status, created_at) \
      VALUES (?, ?, 'placed', ?)";
 
@@ -270,14 +285,10 @@ impl Writer {
         })
     }
 
-    /// The business transaction: insert an order row and, if given, enqueue `message` in the
-    /// same transaction; commit. Returns the time of each step: begin, insert, enqueue (zero
-    /// without a message), commit.
-    pub(crate) async fn business(
-        &self,
-        n: u64,
-        message: Option<&NewMessage>,
-    ) -> Result<[Duration; 4]> {
+    /// The business transaction: insert an order row and write `extra` in the same
+    /// transaction; commit. Returns the time of each step: begin, insert, extra (zero for
+    /// [`Extra::Nothing`]), commit.
+    pub(crate) async fn business(&self, n: u64, extra: Extra<'_>) -> Result<[Duration; 4]> {
         let customer = format!("customer-{}", n % 1_000);
         let total = (n % 100_000) as i64 + 100;
         let mut steps = [Duration::ZERO; 4];
@@ -297,8 +308,17 @@ impl Writer {
                     .execute(&mut *tx)
                     .await?;
                 lap(1);
-                if let Some(m) = message {
-                    store.enqueue(&mut tx, std::slice::from_ref(m)).await?;
+                match extra {
+                    Extra::Nothing => {}
+                    Extra::Enqueue(m) => {
+                        store.enqueue(&mut tx, std::slice::from_ref(m)).await?;
+                    }
+                    Extra::Floor(payload) => {
+                        sqlx::query(SQLITE_INSERT_FLOOR)
+                            .bind(payload)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                 }
                 lap(2);
                 tx.commit().await?;
@@ -308,6 +328,7 @@ impl Writer {
                 pool,
                 store,
                 insert_order,
+                insert_floor,
             } => {
                 let mut tx = pool.begin().await?;
                 lap(0);
@@ -317,8 +338,17 @@ impl Writer {
                     .execute(&mut *tx)
                     .await?;
                 lap(1);
-                if let Some(m) = message {
-                    store.enqueue(&mut tx, std::slice::from_ref(m)).await?;
+                match extra {
+                    Extra::Nothing => {}
+                    Extra::Enqueue(m) => {
+                        store.enqueue(&mut tx, std::slice::from_ref(m)).await?;
+                    }
+                    Extra::Floor(payload) => {
+                        sqlx::query(AssertSqlSafe(insert_floor.clone()))
+                            .bind(payload)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                 }
                 lap(2);
                 tx.commit().await?;
@@ -354,6 +384,7 @@ impl StoreEnv {
                 let pool = outbox_sqlite::connect(&url).await?;
                 let store = SqliteStore::builder(pool.clone()).build().await?;
                 sqlx::query(SQLITE_ORDERS).execute(&pool).await?;
+                sqlx::query(SQLITE_FLOOR).execute(&pool).await?;
                 Ok(StoreEnv {
                     place: Place::Sqlite { _dir: dir, url },
                     writer: Writer::Sqlite { pool, store },
@@ -373,7 +404,8 @@ impl StoreEnv {
                         customer text NOT NULL,
                         total_cents bigint NOT NULL,
                         status text NOT NULL,
-                        created_at timestamptz NOT NULL DEFAULT now())"
+                        created_at timestamptz NOT NULL DEFAULT now());
+                     CREATE TABLE \"{schema}\".bench_floor (payload bytea NOT NULL)"
                 )))
                 .execute(&pool)
                 .await?;
@@ -382,6 +414,8 @@ impl StoreEnv {
                      VALUES ($1, $2, 'placed')"
                 )
                 .into();
+                let insert_floor: Arc<str> =
+                    format!("INSERT INTO \"{schema}\".bench_floor (payload) VALUES ($1)").into();
                 Ok(StoreEnv {
                     place: Place::Postgres {
                         url: url.clone(),
@@ -391,6 +425,7 @@ impl StoreEnv {
                         pool,
                         store,
                         insert_order,
+                        insert_floor,
                     },
                 })
             }

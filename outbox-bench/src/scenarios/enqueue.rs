@@ -6,12 +6,12 @@ use anyhow::Result;
 use outbox_core::NewMessage;
 
 use super::Ctx;
-use crate::env::{StoreEnv, StoreSpec, TOPIC, key};
+use crate::env::{Extra, StoreEnv, StoreSpec, TOPIC, key};
 use crate::report::{Table, quantile, rate, ratio};
 
 struct Sample {
     times: Vec<Duration>,
-    /// Summed time of each step: begin, insert, enqueue, commit.
+    /// Summed time of each step: begin, insert, enqueue (or floor insert), commit.
     steps: [Duration; 4],
 }
 
@@ -51,9 +51,11 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
     println!("\n## enqueue\n");
     println!(
         "One client, one pool: `BEGIN; INSERT INTO bench_orders ...; COMMIT` (bare) against the \
-         same with one {} B message enqueued before the commit (with outbox). Blocks of {} \
-         transactions alternate A B B A ({} blocks per variant, after one warm-up block each), \
-         so drift cancels. No relay runs. Brokers play no part.",
+         same with one {} B message enqueued before the commit (with outbox), and with the same \
+         payload inserted instead into a table with no index (floor: the least any outbox that \
+         writes the message in a statement of its own can add). Blocks of {} transactions \
+         alternate A B C C B A ({} blocks per variant, after one warm-up block each), so drift \
+         cancels. No relay runs. Brokers play no part.",
         s.payload.len(),
         s.enqueue_block,
         s.enqueue_blocks
@@ -70,8 +72,10 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
             "with p99 ms",
             "ratio (mean)",
             "ratio (median)",
+            "floor ratio (mean)",
             "bare: begin / insert / – / commit ms",
             "with: begin / insert / enqueue / commit ms",
+            "floor: begin / insert / floor insert / commit ms",
         ],
     );
     for store in &ctx.stores {
@@ -82,10 +86,11 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
             result
         }
         .await;
-        let Some((bare, with)) = t.soft(store.name(), result) else {
+        let Some([bare, with, floor]) = t.soft(store.name(), result) else {
             continue;
         };
         let r = with.mean().as_secs_f64() / bare.mean().as_secs_f64();
+        let rf = floor.mean().as_secs_f64() / bare.mean().as_secs_f64();
         let rm = with.median().as_secs_f64() / bare.median().as_secs_f64();
         let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
         t.row(vec![
@@ -98,13 +103,16 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
             ms(with.p99()),
             ratio(r),
             ratio(rm),
+            ratio(rf),
             bare.steps_cell(),
             with.steps_cell(),
+            floor.steps_cell(),
         ]);
         let n = store.name();
         t.bench(&format!("enqueue.{n}.bare"), bare.per_sec(), "tx/s");
         t.bench(&format!("enqueue.{n}.with_outbox"), with.per_sec(), "tx/s");
         t.bench(&format!("enqueue.{n}.ratio"), r, "x");
+        t.bench(&format!("enqueue.{n}.floor_ratio"), rf, "x");
         if matches!(store, StoreSpec::Postgres(_)) {
             ctx.summary.goal(
                 format!("enqueue.{n}: with outbox ÷ bare (mean tx time)"),
@@ -115,6 +123,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
         }
     }
     t.note("ratio: mean transaction time with the outbox ÷ without (the goal's figure); the median ratio is less sensitive to fsync outliers");
+    t.note("floor ratio: the bare transaction plus one INSERT of the payload into an unindexed table, ÷ bare: what a separate statement costs by itself, whatever the outbox does in it");
     t.note("steps: mean ms per transaction of each call as the client sees it; the outbox adds the enqueue call, a fixed cost, so the ratio is 1 + enqueue ÷ (begin + insert + commit) and falls as the commit (fsync) gets slower");
     t.print();
     Ok(())
@@ -124,7 +133,7 @@ async fn block(
     env: &StoreEnv,
     s: &crate::Settings,
     n: &mut u64,
-    with: bool,
+    variant: usize,
     into: Option<&mut Sample>,
 ) -> Result<()> {
     let mut sample = Sample {
@@ -133,9 +142,14 @@ async fn block(
     };
     for _ in 0..s.enqueue_block {
         *n += 1;
-        let message = with.then(|| NewMessage::new(TOPIC, key(*n, s.keys), s.payload.clone()));
+        let message = NewMessage::new(TOPIC, key(*n, s.keys), s.payload.clone());
+        let extra = match variant {
+            BARE => Extra::Nothing,
+            WITH_OUTBOX => Extra::Enqueue(&message),
+            _ => Extra::Floor(&s.payload[..]),
+        };
         let started = Instant::now();
-        let steps = env.writer.business(*n, message.as_ref()).await?;
+        let steps = env.writer.business(*n, extra).await?;
         sample.times.push(started.elapsed());
         for (sum, d) in sample.steps.iter_mut().zip(steps) {
             *sum += d;
@@ -150,24 +164,25 @@ async fn block(
     Ok(())
 }
 
-async fn measure(env: &StoreEnv, s: &crate::Settings) -> Result<(Sample, Sample)> {
+const BARE: usize = 0;
+const WITH_OUTBOX: usize = 1;
+const FLOOR: usize = 2;
+
+/// Samples of the bare transaction, with the outbox, and the floor, in that order.
+async fn measure(env: &StoreEnv, s: &crate::Settings) -> Result<[Sample; 3]> {
     let mut n = 0;
-    block(env, s, &mut n, false, None).await?;
-    block(env, s, &mut n, true, None).await?;
-    let empty = || Sample {
+    for variant in [BARE, WITH_OUTBOX, FLOOR] {
+        block(env, s, &mut n, variant, None).await?;
+    }
+    let mut samples: [Sample; 3] = std::array::from_fn(|_| Sample {
         times: Vec::new(),
         steps: [Duration::ZERO; 4],
-    };
-    let mut bare = empty();
-    let mut with = empty();
-    // A B B A, repeated.
-    for i in 0..s.enqueue_blocks * 2 {
-        let with_first = matches!(i % 4, 1 | 2);
-        if with_first {
-            block(env, s, &mut n, true, Some(&mut with)).await?;
-        } else {
-            block(env, s, &mut n, false, Some(&mut bare)).await?;
-        }
+    });
+    // A B C C B A, repeated.
+    const ORDER: [usize; 6] = [BARE, WITH_OUTBOX, FLOOR, FLOOR, WITH_OUTBOX, BARE];
+    for i in 0..s.enqueue_blocks * 3 {
+        let variant = ORDER[i % ORDER.len()];
+        block(env, s, &mut n, variant, Some(&mut samples[variant])).await?;
     }
-    Ok((bare, with))
+    Ok(samples)
 }
