@@ -22,9 +22,10 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// Most messages per claim (default 100).
     pub batch_size: usize,
-    /// Claim loops (default 2). Each loop has up to two batches out: one publishing while the
-    /// next is claimed and the one before is recorded in the store, so a relay leases at most
-    /// `2 × concurrency × partitions_per_claim` partitions at a time.
+    /// Claim loops (default 2). Each loop has up to two batches out: one publishing (then
+    /// being recorded in the store) while the next is claimed. So a relay leases at most
+    /// `2 × concurrency × partitions_per_claim` partitions and uses up to `2 × concurrency`
+    /// store connections at a time (plus one for housekeeping): size the pool for it.
     pub concurrency: usize,
     /// Most partitions per claim (default 8).
     pub partitions_per_claim: usize,
@@ -168,7 +169,8 @@ pub struct RelayStats {
     pub leases_lost: u64,
     /// Batches cut short because the lease was nearly over before publishing finished.
     pub lease_starved: u64,
-    /// Store or broker errors the relay backed off from.
+    /// Failed store calls (claims, and settles that still failed after their retries), each
+    /// logged; failed claims make the relay back off.
     pub errors: u64,
 }
 
@@ -481,12 +483,11 @@ impl Relay {
         Ok(self.stats())
     }
 
-    /// One claim loop. It overlaps consecutive batches: while batch `i` publishes, the worker
-    /// claims batch `i + 1` and records batch `i - 1` in the store, so broker and store work
-    /// at the same time instead of taking turns. Per-key order is unaffected: a batch's
-    /// partitions stay leased until its settle, so the overlapping claim takes other
-    /// partitions, and a fresh claim (nothing was claimed ahead) first waits for the last
-    /// settle so it can take the partitions that settle frees.
+    /// One claim loop. It overlaps consecutive batches: while batch `i` publishes and is then
+    /// recorded in the store, the worker claims batch `i + 1`, so the store's claim does not
+    /// wait for the broker. Per-key order is unaffected: batch `i`'s partitions stay leased
+    /// until its settle, so the claim ahead takes other partitions; when it finds nothing, the
+    /// next claim comes after the settle and can take the partitions that freed.
     async fn worker(&self, worker: usize, mut stop: watch::Receiver<bool>) {
         let inner = &self.inner;
         let cfg = &inner.config;
@@ -499,17 +500,22 @@ impl Relay {
             jitter: 0.5,
             ..RetryPolicy::default()
         };
-        // Claimed while the previous batch published; published next.
+        // Claimed while the previous batch was out; published next.
         let mut ahead: Option<Batch> = None;
-        // Published, not yet recorded in the store.
-        let mut settling = None;
         while !*stop.borrow() {
             let current = match ahead.take() {
+                // A batch claimed ahead waited for the one before it. If that took a good part
+                // of its lease (a slow broker), give it back rather than publish it close to
+                // its expiry: its publishes could outlive the lease.
+                Some(batch) if batch.started.elapsed() > cfg.lease / 4 => {
+                    debug!(waited = ?batch.started.elapsed(), "releasing a batch claimed ahead that waited too long");
+                    if let Err(e) = inner.store.release(&batch.claim.lease).await {
+                        debug!(error = %e, "lease release failed; it expires by itself");
+                    }
+                    continue;
+                }
                 Some(batch) => Ok(Some(batch)),
                 None => {
-                    if let Some(settle) = settling.take() {
-                        settle.await;
-                    }
                     if let Some(w) = wake.as_mut() {
                         w.borrow_and_update();
                     }
@@ -523,28 +529,18 @@ impl Relay {
                         w.borrow_and_update();
                     }
                     let claim_ahead = !*stop.borrow();
-                    let previous = settling.take();
-                    let (outcome, next, ()) = tokio::join!(
-                        self.publish_batch(&batch).instrument(batch.span.clone()),
-                        async {
-                            if claim_ahead {
-                                self.claim_next().instrument(span.clone()).await
-                            } else {
-                                Ok(None)
-                            }
-                        },
-                        async {
-                            if let Some(settle) = previous {
-                                settle.await;
-                            }
-                        },
-                    );
-                    settling = Some(self.settle_in_worker(batch, outcome));
+                    let ((), next) = tokio::join!(self.publish_and_settle(batch), async {
+                        if claim_ahead {
+                            self.claim_next().instrument(span.clone()).await
+                        } else {
+                            Ok(None)
+                        }
+                    });
                     match next {
                         Ok(next) => ahead = next,
                         Err(e) => {
                             inner.counters.errors.fetch_add(1, Ordering::Relaxed);
-                            warn!(error = %e, worker, "claim failed; trying again after this batch");
+                            warn!(error = %e, worker, "claim failed; trying again");
                         }
                     }
                     continue;
@@ -576,9 +572,6 @@ impl Relay {
                 _ = stop.changed() => {}
             }
         }
-        if let Some(settle) = settling.take() {
-            settle.await;
-        }
         if let Some(batch) = ahead.take()
             && let Err(e) = inner.store.release(&batch.claim.lease).await
         {
@@ -586,10 +579,15 @@ impl Relay {
         }
     }
 
-    /// Settle a batch for [`worker`](Self::worker), which has no caller to return errors to.
-    async fn settle_in_worker(&self, batch: Batch, outcome: Outcome) {
+    /// Publish and settle a batch for [`worker`](Self::worker), which has no caller to return
+    /// errors to: a failed settle is counted and logged.
+    async fn publish_and_settle(&self, batch: Batch) {
         let span = batch.span.clone();
-        if let Err(e) = self.settle_batch(batch, outcome).instrument(span).await {
+        let done = async {
+            let outcome = self.publish_batch(&batch).await;
+            self.settle_batch(batch, outcome).await
+        };
+        if let Err(e) = done.instrument(span).await {
             self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "recording a batch in the store failed; its messages are \
                   published again once the lease is released or expires");

@@ -253,6 +253,40 @@ async fn shutdown_releases_a_batch_claimed_ahead_without_publishing_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_claimed_ahead_that_waited_a_quarter_of_its_lease_is_claimed_again() {
+    let store = MemoryStore::new();
+    let memory = MemoryBroker::new();
+    // Each publish takes 150 ms, over a quarter of the 400 ms lease.
+    let broker = slow(&memory, Duration::from_millis(150));
+    commit_spread(&store, 30).await;
+    let relay = Relay::builder(Arc::new(store.clone()), broker.clone())
+        .concurrency(1)
+        .batch_size(10)
+        .partitions_per_claim(64)
+        .lease(Duration::from_millis(400))
+        .poll_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let running = Running::start(&relay);
+    let started = std::time::Instant::now();
+    while relay.stats().published < 30 {
+        assert!(started.elapsed() < Duration::from_secs(10), "not drained");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stats = running.stop().await;
+    assert_eq!(
+        memory.published("t").len(),
+        30,
+        "each message published once"
+    );
+    assert_eq!(stats.leases_lost, 0, "{stats:?}");
+    assert!(
+        stats.batches > 3,
+        "the batches claimed ahead were published after waiting: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_wakes_an_idle_relay_long_before_its_poll_interval() {
     let store = MemoryStore::new();
     let broker = MemoryBroker::new();

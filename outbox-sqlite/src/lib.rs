@@ -217,7 +217,8 @@ struct Inner {
     writes: tokio::sync::Mutex<()>,
 }
 
-/// The SQLite outbox store and inbox. Cheap to clone.
+/// The SQLite outbox store and inbox. Cheap to clone. A claim takes at most 64 partitions,
+/// whatever the relay's `partitions_per_claim`.
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -276,12 +277,17 @@ const READY: &str = "o.published_at IS NULL AND o.dead_at IS NULL AND o.availabl
     AND NOT EXISTS (SELECT 1 FROM outbox w WHERE w.partition = o.partition AND w.key = o.key \
         AND w.seq < o.seq AND w.published_at IS NULL AND w.dead_at IS NULL AND w.available_at > ?1)";
 
+/// Most partitions one SQLite claim takes, whatever the relay asks: one arm of the batch query
+/// each, well under SQLite's limit of 500 terms in a compound select.
+const MAX_CLAIM_PARTITIONS: usize = 64;
+
 /// The claim's batch query for `arms` candidate partitions: `?1` now, `?2` the most messages,
 /// `?3..` the partitions. Each arm walks one partition's pending rows in `seq` order through
-/// `outbox_pending` and stops after `?2` ready rows, so a claim reads at most `arms × ?2` index
-/// entries however large the backlog; the arms are merged by `seq` and cut to `?2`. (One
-/// `partition IN (..) ORDER BY seq LIMIT` query makes SQLite read and sort every pending row of
-/// those partitions instead: 600 ms a claim at 100,000 pending rows.)
+/// `outbox_pending` and stops after `?2` ready rows, so the work is about `arms × ?2` rows
+/// however large the backlog (plus the rows it skips: not yet due, or behind a waiting row of
+/// their key); the arms are merged by `seq` and cut to `?2`. (One `partition IN (..) ORDER BY
+/// seq LIMIT` query makes SQLite read and sort every pending row of those partitions instead:
+/// 600 ms a claim at 100,000 pending rows.)
 fn batch_query(arms: usize) -> String {
     let arms: Vec<String> = (0..arms)
         .map(|i| {
@@ -414,9 +420,9 @@ impl SqliteStore {
         failures: &[Failure],
         release: bool,
     ) -> Result<()> {
-        let now = micros(Utc::now());
         let _writing = self.inner.writes.lock().await;
         let mut tx = self.immediate().await?;
+        let now = micros(Utc::now());
         Self::check_lease(&mut tx, lease, now).await?;
         if !published.is_empty() {
             Self::ack_in(&mut tx, lease, published, now).await?;
@@ -569,19 +575,21 @@ impl Inbox for SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claim>> {
-        let now_t = Utc::now();
-        let now = micros(now_t);
         let lease_len = chrono::Duration::from_std(request.lease)
             .map_err(|_| Error::invalid("lease too long"))?;
         let _writing = self.inner.writes.lock().await;
         let mut tx = self.immediate().await?;
+        // Read the clock once the write lock is held, so a wait for it does not shorten the
+        // lease or hide partitions whose lease ran out meanwhile.
+        let now_t = Utc::now();
+        let now = micros(now_t);
         let candidates: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT p.partition FROM outbox_partitions p WHERE p.lease_until <= ?1 \
              AND EXISTS (SELECT 1 FROM outbox o WHERE o.partition = p.partition AND {READY}) \
              ORDER BY p.claimed_at, p.partition LIMIT ?2"
         )))
         .bind(now)
-        .bind(request.max_partitions.max(1) as i64)
+        .bind(request.max_partitions.clamp(1, MAX_CLAIM_PARTITIONS) as i64)
         .fetch_all(&mut *tx)
         .await
         .map_err(map_error)?;
