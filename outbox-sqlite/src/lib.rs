@@ -281,6 +281,20 @@ const READY: &str = "o.published_at IS NULL AND o.dead_at IS NULL AND o.availabl
 /// each, well under SQLite's limit of 500 terms in a compound select.
 const MAX_CLAIM_PARTITIONS: usize = 64;
 
+/// The claim's candidate partitions: `?1` now, `?2` the most partitions. Free partitions with a
+/// ready message, least recently claimed first. The test for a ready message is a scalar
+/// sub-select with `LIMIT 1`, not `EXISTS`: SQLite 3.51 runs that `EXISTS` as a semi-join that
+/// reads every pending row of the partition (330 ms a claim at 100,000 pending rows, against
+/// 0.3 ms).
+fn candidates_query() -> String {
+    format!(
+        "SELECT p.partition FROM outbox_partitions p WHERE p.lease_until <= ?1 \
+         AND (SELECT 1 FROM outbox o WHERE o.partition = p.partition AND {READY} LIMIT 1) \
+             IS NOT NULL \
+         ORDER BY p.claimed_at, p.partition LIMIT ?2"
+    )
+}
+
 /// The claim's batch query for `arms` candidate partitions: `?1` now, `?2` the most messages,
 /// `?3..` the partitions. Each arm walks one partition's pending rows in `seq` order through
 /// `outbox_pending` and stops after `?2` ready rows, so the work is about `arms × ?2` rows
@@ -583,16 +597,12 @@ impl Store for SqliteStore {
         // lease or hide partitions whose lease ran out meanwhile.
         let now_t = Utc::now();
         let now = micros(now_t);
-        let candidates: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT p.partition FROM outbox_partitions p WHERE p.lease_until <= ?1 \
-             AND EXISTS (SELECT 1 FROM outbox o WHERE o.partition = p.partition AND {READY}) \
-             ORDER BY p.claimed_at, p.partition LIMIT ?2"
-        )))
-        .bind(now)
-        .bind(request.max_partitions.clamp(1, MAX_CLAIM_PARTITIONS) as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_error)?;
+        let candidates: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(candidates_query()))
+            .bind(now)
+            .bind(request.max_partitions.clamp(1, MAX_CLAIM_PARTITIONS) as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_error)?;
         if candidates.is_empty() {
             tx.rollback().await.map_err(map_error)?;
             return Ok(None);
@@ -772,31 +782,35 @@ impl DeadLetters for SqliteStore {
 mod tests {
     use super::*;
 
-    /// The claim's batch query walks `outbox_pending` per partition and never scans or sorts
-    /// the table, so its cost stays flat however large the backlog grows.
-    #[tokio::test]
-    async fn the_batch_query_walks_each_partition_through_the_pending_index() {
+    /// `EXPLAIN QUERY PLAN` details of `sql` with `binds` bound.
+    async fn plan(pool: &SqlitePool, sql: &str, binds: &[i64]) -> Vec<String> {
+        let query = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"));
+        let query = binds.iter().fold(sqlx::query(query), |q, b| q.bind(*b));
+        // Rows are (id, parent, notused, detail).
+        query
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>(3))
+            .collect()
+    }
+
+    async fn analysed_store() -> (tempfile::TempDir, SqlitePool) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("plan.db").display());
         let pool = connect(&url).await.unwrap();
         SqliteStore::builder(pool.clone()).build().await.unwrap();
         sqlx::query("ANALYZE").execute(&pool).await.unwrap();
-        // `EXPLAIN QUERY PLAN` rows are (id, parent, notused, detail).
-        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN QUERY PLAN {}",
-            batch_query(3)
-        )))
-        .bind(0i64)
-        .bind(100i64)
-        .bind(0i64)
-        .bind(1i64)
-        .bind(2i64)
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<String, _>(3))
-        .collect();
+        (dir, pool)
+    }
+
+    /// The claim's batch query walks `outbox_pending` per partition and never scans or sorts
+    /// the table, so its cost stays flat however large the backlog grows.
+    #[tokio::test]
+    async fn the_batch_query_walks_each_partition_through_the_pending_index() {
+        let (_dir, pool) = analysed_store().await;
+        let plan = plan(&pool, &batch_query(3), &[0, 100, 0, 1, 2]).await;
         let walks = plan
             .iter()
             .filter(|d| d.contains("SEARCH o USING INDEX outbox_pending (partition=?)"))
@@ -807,6 +821,25 @@ mod tests {
                 .iter()
                 .any(|d| d.starts_with("SCAN o") || d.starts_with("SCAN outbox")),
             "a table scan in the claim: {plan:#?}"
+        );
+    }
+
+    /// The candidate query probes each partition with a correlated sub-select that stops at
+    /// the first ready row, not with a semi-join over all of the partition's pending rows.
+    #[tokio::test]
+    async fn the_candidate_query_stops_at_the_first_ready_row_of_each_partition() {
+        let (_dir, pool) = analysed_store().await;
+        let plan = plan(&pool, &candidates_query(), &[0, 8]).await;
+        assert!(
+            plan.iter()
+                .any(|d| d.starts_with("CORRELATED SCALAR SUBQUERY")),
+            "{plan:#?}"
+        );
+        assert!(
+            !plan
+                .iter()
+                .any(|d| d.contains(" EXISTS ") || d.starts_with("SCAN o")),
+            "a semi-join or scan over the outbox: {plan:#?}"
         );
     }
 }
