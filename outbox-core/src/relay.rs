@@ -22,10 +22,11 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// Most messages per claim (default 100).
     pub batch_size: usize,
-    /// Claim loops (default 2). Each loop has up to two batches out: one publishing (then
-    /// being recorded in the store) while the next is claimed. So a relay leases at most
-    /// `2 × concurrency × partitions_per_claim` partitions and uses up to `2 × concurrency`
-    /// store connections at a time (plus one for housekeeping): size the pool for it.
+    /// Claim loops (default 2). Each loop has up to three batches out: one publishing, the next
+    /// being claimed, and the one before being recorded in the store. So a relay leases at
+    /// most `3 × concurrency × partitions_per_claim` partitions and uses up to
+    /// `2 × concurrency` store connections at a time (a claim and a settle; plus one for
+    /// housekeeping): size the pool for it.
     pub concurrency: usize,
     /// Most partitions per claim (default 8).
     pub partitions_per_claim: usize,
@@ -483,11 +484,13 @@ impl Relay {
         Ok(self.stats())
     }
 
-    /// One claim loop. It overlaps consecutive batches: while batch `i` publishes and is then
-    /// recorded in the store, the worker claims batch `i + 1`, so the store's claim does not
-    /// wait for the broker. Per-key order is unaffected: batch `i`'s partitions stay leased
-    /// until its settle, so the claim ahead takes other partitions; when it finds nothing, the
-    /// next claim comes after the settle and can take the partitions that freed.
+    /// One claim loop. It overlaps consecutive batches: while batch `i` publishes, the worker
+    /// claims batch `i + 1`, and batch `i - 1` is recorded in the store (in a task of its own,
+    /// started as soon as its publish ended). So the broker does not wait for the store, nor
+    /// the store for the broker. Per-key order is unaffected: a batch's partitions stay leased
+    /// until its settle, so a claim made meanwhile takes other partitions; when the claim
+    /// ahead finds nothing, the next claim waits for every settle and can take the partitions
+    /// they freed.
     async fn worker(&self, worker: usize, mut stop: watch::Receiver<bool>) {
         let inner = &self.inner;
         let cfg = &inner.config;
@@ -502,6 +505,8 @@ impl Relay {
         };
         // Claimed while the previous batch was out; published next.
         let mut ahead: Option<Batch> = None;
+        // Published batches being recorded in the store.
+        let mut settling = tokio::task::JoinSet::new();
         while !*stop.borrow() {
             let current = match ahead.take() {
                 // A batch claimed ahead waited for the one before it. If that took a good part
@@ -516,6 +521,7 @@ impl Relay {
                 }
                 Some(batch) => Ok(Some(batch)),
                 None => {
+                    while settling.join_next().await.is_some() {}
                     if let Some(w) = wake.as_mut() {
                         w.borrow_and_update();
                     }
@@ -529,7 +535,16 @@ impl Relay {
                         w.borrow_and_update();
                     }
                     let claim_ahead = !*stop.borrow();
-                    let ((), next) = tokio::join!(self.publish_and_settle(batch), async {
+                    let publish = async {
+                        let span = batch.span.clone();
+                        let outcome = self.publish_batch(&batch).instrument(span).await;
+                        // One settle at a time: a slow store holds the worker back instead of
+                        // piling up settles.
+                        while settling.join_next().await.is_some() {}
+                        let relay = self.clone();
+                        settling.spawn(async move { relay.settle_in_worker(batch, outcome).await });
+                    };
+                    let ((), next) = tokio::join!(publish, async {
                         if claim_ahead {
                             self.claim_next().instrument(span.clone()).await
                         } else {
@@ -572,6 +587,7 @@ impl Relay {
                 _ = stop.changed() => {}
             }
         }
+        while settling.join_next().await.is_some() {}
         if let Some(batch) = ahead.take()
             && let Err(e) = inner.store.release(&batch.claim.lease).await
         {
@@ -579,15 +595,11 @@ impl Relay {
         }
     }
 
-    /// Publish and settle a batch for [`worker`](Self::worker), which has no caller to return
-    /// errors to: a failed settle is counted and logged.
-    async fn publish_and_settle(&self, batch: Batch) {
+    /// Settle a batch for [`worker`](Self::worker), which has no caller to return errors to:
+    /// a failed settle is counted and logged.
+    async fn settle_in_worker(&self, batch: Batch, outcome: Outcome) {
         let span = batch.span.clone();
-        let done = async {
-            let outcome = self.publish_batch(&batch).await;
-            self.settle_batch(batch, outcome).await
-        };
-        if let Err(e) = done.instrument(span).await {
+        if let Err(e) = self.settle_batch(batch, outcome).instrument(span).await {
             self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "recording a batch in the store failed; its messages are \
                   published again once the lease is released or expires");
