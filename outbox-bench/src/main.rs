@@ -101,10 +101,6 @@ struct Cli {
     /// (default on; off in quick mode).
     #[arg(long)]
     raw_store_loop: Option<bool>,
-    /// Drain: also run an experimental pipelined relay loop (claim the next batch while
-    /// `concurrency` batches publish; settle in the background) on every pair.
-    #[arg(long)]
-    pipeline_experiment: bool,
     /// Relay counts of the scale scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     scale_relays: Vec<usize>,
@@ -162,7 +158,6 @@ pub(crate) struct Settings {
     pub(crate) small_batch_cap: Duration,
     pub(crate) large_batch_cap: Duration,
     pub(crate) raw_store_loop: bool,
-    pub(crate) pipeline_experiment: bool,
     pub(crate) scale_relays: Vec<usize>,
     pub(crate) batch: usize,
     pub(crate) enqueue_block: usize,
@@ -192,7 +187,6 @@ impl Settings {
             small_batch_cap: secs(cli.small_batch_cap, 0.5, 5.0),
             large_batch_cap: secs(cli.large_batch_cap, 5.0, 20.0),
             raw_store_loop: cli.raw_store_loop.unwrap_or(!q),
-            pipeline_experiment: cli.pipeline_experiment,
             scale_relays: cli.scale_relays.clone(),
             batch: cli.batch.max(1),
             enqueue_block: cli.enqueue_block.unwrap_or(if q { 100 } else { 250 }),

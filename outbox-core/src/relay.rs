@@ -485,7 +485,7 @@ impl Relay {
     }
 
     /// One claim loop. It overlaps consecutive batches: while batch `i` publishes, the worker
-    /// claims batch `i + 1`, and batch `i - 1` is recorded in the store (in a task of its own,
+    /// claims batch `i + 1` (unless batch `i` held a lone message: a quiet outbox), and batch `i - 1` is recorded in the store (in a task of its own,
     /// started as soon as its publish ended). So the broker does not wait for the store, nor
     /// the store for the broker. Per-key order is unaffected: a batch's partitions stay leased
     /// until its settle, so a claim made meanwhile takes other partitions; when the claim
@@ -534,7 +534,12 @@ impl Relay {
                     if let Some(w) = wake.as_mut() {
                         w.borrow_and_update();
                     }
-                    let claim_ahead = !*stop.borrow();
+                    // Claim ahead when messages are arriving faster than one per claim (a
+                    // backlog, or steady load): then the claim will likely find work. A lone
+                    // message is the sign of a quiet outbox, where a claim ahead would run
+                    // empty; the next claim then follows this batch's settle instead.
+                    let claim_ahead =
+                        !*stop.borrow() && (batch.claim.messages.len() > 1 || cfg.batch_size == 1);
                     let publish = async {
                         let span = batch.span.clone();
                         let outcome = self.publish_batch(&batch).instrument(span).await;

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 
-use super::{Ctx, drain_once, pipelined_once};
+use super::{Ctx, drain_once};
 use crate::Settings;
 use crate::env::{BrokerEnv, StoreEnv, StoreSpec};
 use crate::report::{Table, rate, ratio, secs};
@@ -256,23 +256,6 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
                         ratio(r),
                         r >= 0.8,
                     );
-                }
-                if s.pipeline_experiment {
-                    let r = pipelined_once(&s, store, broker, b).await;
-                    if let Some(p) = t.soft(&format!("{pair} batch {b}: pipelined"), r) {
-                        t.note(format!(
-                        "{pair} batch {b}: pipelined relay loop (experiment) {} msg/s = {} × ceiling, cpu {}, CPU µs/msg {}",
-                        cell(&p),
-                        ratio(p.rate() / ceiling),
-                        p.cpu.cell(),
-                        p.cpu.per_message(p.done)
-                    ));
-                        t.bench(
-                            &format!("drain.{pair}.batch{b}.pipelined"),
-                            p.rate(),
-                            "msg/s",
-                        );
-                    }
                 }
                 if o.failed > 0 || o.errors > 0 || o.leases_lost > 0 {
                     t.note(format!(
