@@ -80,6 +80,40 @@ pub(crate) fn relay(
         .build()?)
 }
 
+/// Relays running in background tasks until [`Running::stop`].
+pub(crate) struct Running {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: JoinSet<outbox_core::Result<outbox_core::RelayStats>>,
+}
+
+impl Running {
+    /// Start `relays`, each with [`Relay::run`].
+    pub(crate) fn start(relays: &[Relay]) -> Running {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for r in relays {
+            let r = r.clone();
+            let mut stopped = stopped.clone();
+            tasks.spawn(async move {
+                r.run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+            });
+        }
+        Running { stop, tasks }
+    }
+
+    /// Shut the relays down (in-flight batches finish) and wait for them.
+    pub(crate) async fn stop(mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        while let Some(joined) = self.tasks.join_next().await {
+            joined??;
+        }
+        Ok(())
+    }
+}
+
 /// Run `relays` until together they acked `target` messages or `cap` passed; then shut them
 /// down (in-flight batches finish).
 pub(crate) async fn run_relays(
@@ -88,20 +122,9 @@ pub(crate) async fn run_relays(
     target: u64,
     cap: Duration,
 ) -> Result<RunOutcome> {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut tasks = JoinSet::new();
     let meter = CpuMeter::start();
     let started = Instant::now();
-    for r in relays {
-        let r = r.clone();
-        let mut stopped = stopped.clone();
-        tasks.spawn(async move {
-            r.run(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await
-        });
-    }
+    let running = Running::start(relays);
     let acked = || -> u64 { relays.iter().map(|r| r.stats().published).sum() };
     let (done, elapsed) = loop {
         let done = acked();
@@ -112,10 +135,7 @@ pub(crate) async fn run_relays(
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
     let cpu = meter.stop();
-    let _ = stop.send(true);
-    while let Some(joined) = tasks.join_next().await {
-        joined??;
-    }
+    running.stop().await?;
     let stats: Vec<_> = relays.iter().map(|r| r.stats()).collect();
     Ok(RunOutcome {
         done,

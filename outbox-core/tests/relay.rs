@@ -60,12 +60,60 @@ impl Running {
 }
 
 async fn commit(store: &MemoryStore, n: usize) {
+    commit_keys(store, (0..n).map(|i| format!("k{i}"))).await;
+}
+
+/// Commit `n` (at most 64) messages whose keys all fall in different partitions of the
+/// default 64, so a claim can always take the next messages while earlier ones are leased.
+async fn commit_spread(store: &MemoryStore, n: usize) {
+    let mut used = std::collections::HashSet::new();
+    let keys = (0..)
+        .map(|i| format!("k{i}"))
+        .filter(|k| used.insert(partition_for(k, 64)))
+        .take(n);
+    commit_keys(store, keys).await;
+}
+
+/// Commit one message per key in one transaction.
+async fn commit_keys(store: &MemoryStore, keys: impl Iterator<Item = String>) {
     let mut tx = store.begin().await.unwrap();
-    let msgs: Vec<NewMessage> = (0..n)
-        .map(|i| NewMessage::new("t", format!("k{i}"), b"x".to_vec()))
+    let msgs: Vec<NewMessage> = keys
+        .map(|k| NewMessage::new("t", k, b"x".to_vec()))
         .collect();
     store.enqueue(&mut tx, &msgs).await.unwrap();
     store.commit(tx).await.unwrap();
+}
+
+/// A relay with one claim loop, batches of 10 and claims over every partition.
+fn one_worker(store: Arc<dyn Store>, broker: Arc<dyn Broker>) -> outbox_core::RelayBuilder {
+    Relay::builder(store, broker)
+        .concurrency(1)
+        .batch_size(10)
+        .partitions_per_claim(64)
+}
+
+/// Wait until `relay` has published `n` messages; fails the test after 10 s.
+async fn wait_published(relay: &Relay, n: u64) {
+    let started = std::time::Instant::now();
+    while relay.stats().published < n {
+        assert!(started.elapsed() < Duration::from_secs(10), "not drained");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Claim everything claimable, as another relay would after a shutdown; fails the test if
+/// nothing is.
+async fn claim_everything(store: &MemoryStore) -> Claim {
+    store
+        .claim(&ClaimRequest {
+            owner: "next".into(),
+            max_messages: 100,
+            max_partitions: 64,
+            lease: Duration::from_secs(5),
+        })
+        .await
+        .unwrap()
+        .expect("partitions still leased after shutdown")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,35 +146,8 @@ async fn shutdown_finishes_in_flight_publishes_and_releases_leases() {
     assert_eq!(store.stats().await.unwrap().pending, 0);
     // The 60 s lease was released: another relay can claim new work in its partitions now.
     commit(&store, 20).await;
-    let claim = store
-        .claim(&ClaimRequest {
-            owner: "next".into(),
-            max_messages: 100,
-            max_partitions: 64,
-            lease: Duration::from_secs(5),
-        })
-        .await
-        .unwrap()
-        .expect("partitions still leased after shutdown");
+    let claim = claim_everything(&store).await;
     assert_eq!(claim.messages.len(), 20);
-}
-
-/// Commit `n` (at most 64) messages whose keys all fall in different partitions of the
-/// default 64, so a claim can always take the next messages while earlier ones are leased.
-async fn commit_spread(store: &MemoryStore, n: usize) {
-    let mut used = std::collections::HashSet::new();
-    let keys: Vec<String> = (0..)
-        .map(|i| format!("k{i}"))
-        .filter(|k| used.insert(partition_for(k, 64)))
-        .take(n)
-        .collect();
-    let mut tx = store.begin().await.unwrap();
-    let msgs: Vec<NewMessage> = keys
-        .into_iter()
-        .map(|k| NewMessage::new("t", k, b"x".to_vec()))
-        .collect();
-    store.enqueue(&mut tx, &msgs).await.unwrap();
-    store.commit(tx).await.unwrap();
 }
 
 /// A store that counts the claims that returned work while a publish was in flight.
@@ -181,19 +202,12 @@ async fn one_worker_claims_the_next_batch_while_the_current_one_publishes() {
         claims_during_publish: AtomicUsize::new(0),
     });
     commit_spread(&store.inner, 50).await;
-    let relay = Relay::builder(store.clone(), broker.clone())
-        .concurrency(1)
-        .batch_size(10)
-        .partitions_per_claim(64)
+    let relay = one_worker(store.clone(), broker.clone())
         .poll_interval(Duration::from_millis(10))
         .build()
         .unwrap();
     let running = Running::start(&relay);
-    let started = std::time::Instant::now();
-    while relay.stats().published < 50 {
-        assert!(started.elapsed() < Duration::from_secs(10), "not drained");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_published(&relay, 50).await;
     running.stop().await;
     assert_eq!(
         memory.published("t").len(),
@@ -214,10 +228,7 @@ async fn shutdown_releases_a_batch_claimed_ahead_without_publishing_it() {
     let memory = MemoryBroker::new();
     let broker = slow(&memory, Duration::from_millis(400));
     commit_spread(&store, 30).await;
-    let relay = Relay::builder(Arc::new(store.clone()), broker.clone())
-        .concurrency(1)
-        .batch_size(10)
-        .partitions_per_claim(64)
+    let relay = one_worker(Arc::new(store.clone()), broker.clone())
         .lease(Duration::from_secs(60))
         .poll_interval(Duration::from_millis(10))
         .build()
@@ -239,16 +250,7 @@ async fn shutdown_releases_a_batch_claimed_ahead_without_publishing_it() {
     );
     assert_eq!(memory.published("t").len(), 10);
     // Both 60 s leases were released: the other 20 messages can be claimed at once.
-    let claim = store
-        .claim(&ClaimRequest {
-            owner: "next".into(),
-            max_messages: 100,
-            max_partitions: 64,
-            lease: Duration::from_secs(5),
-        })
-        .await
-        .unwrap()
-        .expect("partitions still leased after shutdown");
+    let claim = claim_everything(&store).await;
     assert_eq!(claim.messages.len(), 20);
 }
 
@@ -259,20 +261,13 @@ async fn a_batch_claimed_ahead_that_waited_a_quarter_of_its_lease_is_claimed_aga
     // Each publish takes 150 ms, over a quarter of the 400 ms lease.
     let broker = slow(&memory, Duration::from_millis(150));
     commit_spread(&store, 30).await;
-    let relay = Relay::builder(Arc::new(store.clone()), broker.clone())
-        .concurrency(1)
-        .batch_size(10)
-        .partitions_per_claim(64)
+    let relay = one_worker(Arc::new(store.clone()), broker.clone())
         .lease(Duration::from_millis(400))
         .poll_interval(Duration::from_millis(10))
         .build()
         .unwrap();
     let running = Running::start(&relay);
-    let started = std::time::Instant::now();
-    while relay.stats().published < 30 {
-        assert!(started.elapsed() < Duration::from_secs(10), "not drained");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_published(&relay, 30).await;
     let stats = running.stop().await;
     assert_eq!(
         memory.published("t").len(),

@@ -238,18 +238,7 @@ async fn measure_on(
         s.relay_concurrency,
         "bench-latency".into(),
     )?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn({
-        let relay = relay.clone();
-        let mut stopped = stopped.clone();
-        async move {
-            relay
-                .run(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await
-        }
-    });
+    let running = crate::run::Running::start(std::slice::from_ref(&relay));
     // Let the relay start listening.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -315,8 +304,7 @@ async fn measure_on(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tracing::info!(waited = ?waited.elapsed(), confirmed = counter.unique(), "latency drain done");
-    let _ = stop.send(true);
-    running.await??;
+    running.stop().await?;
     ob.close().await;
     tracing::info!("latency relay stopped");
     if let Some(e) = writer_error {

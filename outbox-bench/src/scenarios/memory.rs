@@ -219,18 +219,7 @@ pub(crate) async fn child(s: &Settings, url: &str, schema: Option<&str>) -> Resu
     let target = s.memory_messages;
     let rss = || proc_status_kib("VmRSS").unwrap_or(0);
     let mut samples = vec![(0u64, 0u64, rss())];
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn({
-        let relay = relay.clone();
-        let mut stopped = stopped.clone();
-        async move {
-            relay
-                .run(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .await
-        }
-    });
+    let running = crate::run::Running::start(std::slice::from_ref(&relay));
     let started = Instant::now();
     let mut next_sample = Duration::from_millis(SAMPLE_MS);
     loop {
@@ -247,8 +236,7 @@ pub(crate) async fn child(s: &Settings, url: &str, schema: Option<&str>) -> Resu
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let &(ms, done, _) = samples.last().unwrap_or(&(0, 0, 0));
-    let _ = stop.send(true);
-    running.await??;
+    running.stop().await?;
     for (ms, done, kib) in &samples {
         println!("S {ms} {done} {kib}");
     }
