@@ -222,6 +222,34 @@ struct Quota {
 }
 
 impl Quota {
+    /// Start a run of `plan`: the shared budget, the start time and the CPU meter.
+    fn start(plan: &Plan) -> (Arc<Quota>, Instant, CpuMeter) {
+        let meter = CpuMeter::start();
+        let started = Instant::now();
+        let quota = Arc::new(Quota {
+            target: plan.target,
+            taken: AtomicU64::new(0),
+            deadline: started + plan.cap,
+        });
+        (quota, started, meter)
+    }
+
+    /// Send slices of `batch` with `send` until the budget or the time is used up; sums what
+    /// each send returned as (confirmed, failed).
+    async fn drain<F, Fut>(&self, batch: usize, mut send: F) -> Result<(u64, u64)>
+    where
+        F: FnMut(std::ops::Range<u64>) -> Fut,
+        Fut: std::future::Future<Output = Result<(u64, u64)>>,
+    {
+        let (mut ok, mut failed) = (0, 0);
+        while let Some(range) = self.take(batch) {
+            let (o, f) = send(range).await?;
+            ok += o;
+            failed += f;
+        }
+        Ok((ok, failed))
+    }
+
     /// The next slice of at most `batch` message numbers, or `None` when the budget or the
     /// time is used up.
     fn take(&self, batch: usize) -> Option<std::ops::Range<u64>> {
@@ -288,31 +316,24 @@ pub(crate) async fn adapter(
     if let Some(Err(e)) = warm.into_iter().find(|o| o.is_err()) {
         bail!("warm-up publish failed: {e}");
     }
-    let meter = CpuMeter::start();
-    let started = Instant::now();
-    let quota = Arc::new(Quota {
-        target: plan.target,
-        taken: AtomicU64::new(0),
-        deadline: started + plan.cap,
-    });
+    let (quota, started, meter) = Quota::start(&plan);
     let mut tasks = JoinSet::new();
     for _ in 0..plan.concurrency {
         let broker = broker.clone();
         let quota = quota.clone();
         let payload = payload.clone();
         tasks.spawn(async move {
-            let (mut ok, mut failed) = (0, 0);
-            while let Some(range) = quota.take(plan.batch) {
-                let batch = messages(range, keys, &payload);
-                for o in broker.publish(&batch).await {
-                    if o.is_ok() {
-                        ok += 1;
-                    } else {
-                        failed += 1;
+            quota
+                .drain(plan.batch, |range| {
+                    let batch = messages(range, keys, &payload);
+                    let broker = &broker;
+                    async move {
+                        let outcomes = broker.publish(&batch).await;
+                        let ok = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
+                        Ok((ok, outcomes.len() as u64 - ok))
                     }
-                }
-            }
-            Ok((ok, failed))
+                })
+                .await
         });
     }
     join_producers(tasks, started, meter, plan.target).await
@@ -404,27 +425,20 @@ async fn raw_amqp(
         }
         channels.push(channel);
     }
-    let meter = CpuMeter::start();
-    let started = Instant::now();
-    let quota = Arc::new(Quota {
-        target: plan.target,
-        taken: AtomicU64::new(0),
-        deadline: started + plan.cap,
-    });
+    let (quota, started, meter) = Quota::start(&plan);
     let mut tasks = JoinSet::new();
     for channel in channels {
         let quota = quota.clone();
         let payload = payload.clone();
         let exchange = exchange.to_string();
         tasks.spawn(async move {
-            let (mut ok, mut failed) = (0, 0);
-            while let Some(range) = quota.take(plan.batch) {
-                let (o, f) = amqp_batch(&channel, &exchange, range, keys, &payload).await?;
-                ok += o;
-                failed += f;
-            }
+            let sent = quota
+                .drain(plan.batch, |range| {
+                    amqp_batch(&channel, &exchange, range, keys, &payload)
+                })
+                .await;
             let _ = channel.close(200, "done".into()).await;
-            Ok((ok, failed))
+            sent
         });
     }
     let outcome = join_producers(tasks, started, meter, plan.target).await;
@@ -495,13 +509,7 @@ async fn raw_kafka(
     if failed > 0 {
         bail!("warm-up produce to Kafka failed");
     }
-    let meter = CpuMeter::start();
-    let started = Instant::now();
-    let quota = Arc::new(Quota {
-        target: plan.target,
-        taken: AtomicU64::new(0),
-        deadline: started + plan.cap,
-    });
+    let (quota, started, meter) = Quota::start(&plan);
     let mut tasks = JoinSet::new();
     for _ in 0..plan.concurrency {
         let quota = quota.clone();
@@ -509,13 +517,11 @@ async fn raw_kafka(
         let producer = producer.clone();
         let topic = topic.to_string();
         tasks.spawn(async move {
-            let (mut ok, mut failed) = (0, 0);
-            while let Some(range) = quota.take(plan.batch) {
-                let (o, f) = kafka_batch(&producer, &topic, range, keys, &payload).await?;
-                ok += o;
-                failed += f;
-            }
-            Ok((ok, failed))
+            quota
+                .drain(plan.batch, |range| {
+                    kafka_batch(&producer, &topic, range, keys, &payload)
+                })
+                .await
         });
     }
     let outcome = join_producers(tasks, started, meter, plan.target).await;
