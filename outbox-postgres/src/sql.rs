@@ -69,6 +69,23 @@ fence AS MATERIALIZED (
     SELECT count(*) = cardinality($2::int4[]) AS ok FROM held
 )";
 
+/// Record the failures of CTE `f` (id, error, retry_at, n) on messages still pending in the
+/// lease's partitions ($2), if the fence holds: count the attempts, keep the error, set the
+/// retry time or dead-letter. `{IDS}` is the parameter holding the failed ids (an index hint
+/// for the planner), shared by `fail` and `settle`.
+const MARK_FAILED: &str = "UPDATE {T} m
+    SET attempts = least(m.attempts::int8 + f.n, 2147483647)::int4,
+        last_error = f.error,
+        available_at = coalesce(f.retry_at, m.available_at),
+        dead_at = CASE WHEN f.retry_at IS NULL THEN now() END
+    FROM f
+    WHERE m.id = f.id
+      AND m.id = ANY({IDS}::uuid[])
+      AND m.partition = ANY($2::int4[])
+      AND m.published_at IS NULL AND m.dead_at IS NULL
+      AND (SELECT ok FROM fence)
+    RETURNING 1";
+
 const MESSAGE_COLUMNS: &str = "m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.partition, \
      m.created_at, m.available_at, m.attempts, m.last_error";
 
@@ -78,7 +95,9 @@ impl Statements {
         let p = names.qualified(&names.partitions);
         let i = names.qualified(&names.inbox);
         let fill = |sql: String| -> Arc<str> {
-            sql.replace("{READY}", READY)
+            sql.replace("{MARK_FAILED_4}", &MARK_FAILED.replace("{IDS}", "$4"))
+                .replace("{MARK_FAILED_5}", &MARK_FAILED.replace("{IDS}", "$5"))
+                .replace("{READY}", READY)
                 .replace("{SETTLE_FENCE}", SETTLE_FENCE)
                 .replace("{FENCE}", FENCE)
                 .replace("{COLS}", MESSAGE_COLUMNS)
@@ -176,18 +195,7 @@ f AS (
         AS f(id, error, retry_at, n)
 ),
 done AS (
-    UPDATE {T} m
-    SET attempts = least(m.attempts::int8 + f.n, 2147483647)::int4,
-        last_error = f.error,
-        available_at = coalesce(f.retry_at, m.available_at),
-        dead_at = CASE WHEN f.retry_at IS NULL THEN now() END
-    FROM f
-    WHERE m.id = f.id
-      AND m.id = ANY($4::uuid[])
-      AND m.partition = ANY($2::int4[])
-      AND m.published_at IS NULL AND m.dead_at IS NULL
-      AND (SELECT ok FROM fence)
-    RETURNING 1
+    {MARK_FAILED_4}
 )
 SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked"
                     .to_string(),
@@ -220,18 +228,7 @@ f AS (
     WHERE f.id <> ALL($4::uuid[])
 ),
 failed AS (
-    UPDATE {T} m
-    SET attempts = least(m.attempts::int8 + f.n, 2147483647)::int4,
-        last_error = f.error,
-        available_at = coalesce(f.retry_at, m.available_at),
-        dead_at = CASE WHEN f.retry_at IS NULL THEN now() END
-    FROM f
-    WHERE m.id = f.id
-      AND m.id = ANY($5::uuid[])
-      AND m.partition = ANY($2::int4[])
-      AND m.published_at IS NULL AND m.dead_at IS NULL
-      AND (SELECT ok FROM fence)
-    RETURNING 1
+    {MARK_FAILED_5}
 ),
 released AS (
     UPDATE {P} p SET owner = NULL, lease_until = now()
