@@ -206,8 +206,6 @@ struct Batch {
 struct Outcome {
     published: Vec<crate::MessageId>,
     failures: Vec<Failure>,
-    retried: usize,
-    dead_lettered: usize,
 }
 
 struct Inner {
@@ -383,14 +381,8 @@ impl Relay {
                         let attempts = message.attempts.saturating_add(1);
                         let permanent = error.kind() == ErrorKind::Permanent;
                         let retry_at = match cfg.retry.decide(attempts, permanent, &mut rng) {
-                            RetryDecision::RetryAfter(d) => {
-                                out.retried += 1;
-                                Some(Utc::now() + d)
-                            }
-                            RetryDecision::DeadLetter => {
-                                out.dead_lettered += 1;
-                                None
-                            }
+                            RetryDecision::RetryAfter(d) => Some(Utc::now() + d),
+                            RetryDecision::DeadLetter => None,
                         };
                         warn!(id = %message.id, topic = %message.topic, attempts, %error,
                             dead_letter = retry_at.is_none(), "publish failed");
@@ -413,13 +405,12 @@ impl Relay {
         let Outcome {
             published,
             failures,
-            retried,
-            dead_lettered,
         } = outcome;
+        let retried = failures.iter().filter(|f| f.retry_at.is_some()).count();
         let mut report = BatchReport {
             claimed: claim.messages.len(),
             retried,
-            dead_lettered,
+            dead_lettered: failures.len() - retried,
             deferred: claim.messages.len() - published.len() - failures.len(),
             ..BatchReport::default()
         };
