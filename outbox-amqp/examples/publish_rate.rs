@@ -167,7 +167,7 @@ async fn main() -> Fallible<()> {
     }
     let took = t.elapsed();
     let _ = stop.send(());
-    running.await??;
+    running.await?;
     report(
         "Relay (memory store, batch 100, concurrency 2)",
         n,

@@ -4,10 +4,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use outbox_core::chrono::{DateTime, Utc};
 use outbox_core::{
     BacklogStats, Broker, Claim, ClaimRequest, Failure, Lease, Message, MessageId, Result, Store,
 };
@@ -237,8 +236,8 @@ impl Store for TimedStore {
         r
     }
 
-    async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        self.inner.purge(before, limit).await
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        self.inner.purge(older_than, limit).await
     }
 
     async fn stats(&self) -> Result<BacklogStats> {

@@ -83,7 +83,7 @@ pub(crate) fn relay(
 /// Relays running in background tasks until [`Running::stop`].
 pub(crate) struct Running {
     stop: tokio::sync::watch::Sender<bool>,
-    tasks: JoinSet<outbox_core::Result<outbox_core::RelayStats>>,
+    tasks: JoinSet<outbox_core::RelayStats>,
 }
 
 impl Running {
@@ -108,7 +108,7 @@ impl Running {
     pub(crate) async fn stop(mut self) -> Result<()> {
         let _ = self.stop.send(true);
         while let Some(joined) = self.tasks.join_next().await {
-            joined??;
+            joined?;
         }
         Ok(())
     }
@@ -164,12 +164,8 @@ pub(crate) async fn raw_store_loop(store: Arc<dyn Store>, plan: Plan) -> Result<
         let done = done.clone();
         let errors = errors.clone();
         tasks.spawn(async move {
-            let request = ClaimRequest {
-                owner: format!("raw-{w}"),
-                max_messages: plan.batch,
-                max_partitions: 8,
-                lease: Duration::from_secs(30),
-            };
+            let request =
+                ClaimRequest::new(format!("raw-{w}"), plan.batch, 8, Duration::from_secs(30));
             while done.load(Ordering::Relaxed) < plan.target && Instant::now() < deadline {
                 // As the relay does: back off from transient errors (a busy database).
                 let claim = match store.claim(&request).await {

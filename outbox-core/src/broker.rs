@@ -14,6 +14,15 @@ pub trait Broker: Send + Sync + 'static {
     /// [`Permanent`](crate::ErrorKind::Permanent) (dead-letter). The relay never passes two
     /// messages with the same key in one call.
     async fn publish(&self, messages: &[Message]) -> Vec<Result<()>>;
+
+    /// Check that the broker can be reached (connecting if need be) without publishing
+    /// anything. The relay calls it while it waits out an outage (every message failing with
+    /// [`Unavailable`](crate::ErrorKind::Unavailable)) and resumes claiming once it returns
+    /// `Ok`; readiness checks call it too. The default answers `Ok` (a broker that cannot
+    /// tell is taken to be up, and the next publish finds out).
+    async fn probe(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A message as a consumer receives it.

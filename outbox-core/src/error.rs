@@ -6,8 +6,14 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// Worth retrying: a connection dropped, a timeout, a broker nack, a busy database.
+    /// Worth retrying: a timeout, a broker nack, a busy database, a deadlock, a message the
+    /// broker could not take right now. The relay counts an attempt against the message.
     Transient,
+    /// The other side is down as a whole, not this message: the connection was refused or
+    /// lost, authentication failed, the server is shutting down. The relay counts no attempt:
+    /// it pauses claiming, probes with capped backoff and resumes when the service is back,
+    /// however long the outage lasts.
+    Unavailable,
     /// Retrying will not help: the broker rejected the message (too large, unroutable,
     /// unauthorized). The relay dead-letters such a message at once.
     Permanent,
@@ -28,7 +34,7 @@ pub enum ErrorKind {
 impl ErrorKind {
     /// Whether a later retry of the same call may succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorKind::Transient)
+        matches!(self, ErrorKind::Transient | ErrorKind::Unavailable)
     }
 }
 
@@ -36,6 +42,7 @@ impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             ErrorKind::Transient => "transient",
+            ErrorKind::Unavailable => "unavailable",
             ErrorKind::Permanent => "permanent",
             ErrorKind::Conflict => "conflict",
             ErrorKind::NotInTransaction => "not in transaction",
@@ -78,6 +85,11 @@ impl Error {
     /// Shorthand for a [`ErrorKind::Transient`] error.
     pub fn transient(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Transient, message)
+    }
+
+    /// Shorthand for a [`ErrorKind::Unavailable`] error (the service is down as a whole).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
     }
 
     /// Shorthand for a [`ErrorKind::Permanent`] error.
@@ -126,6 +138,19 @@ impl std::error::Error for Error {
         self.source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl Error {
+    /// A copy with the same kind and the full text (message and causes); the cause chain is
+    /// kept as text, since causes are not `Clone`. For fanning one failure out to many
+    /// messages.
+    pub fn duplicate(&self) -> Error {
+        let message = match &self.source {
+            Some(source) => format!("{}: {source}", self.message),
+            None => self.message.clone(),
+        };
+        Error::new(self.kind, message)
     }
 }
 

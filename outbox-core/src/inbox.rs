@@ -1,7 +1,7 @@
 //! The inbox (idempotent consumer): record each message id in the handler's own transaction.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use std::time::Duration;
 
 use crate::{Delivery, Error, ErrorKind, MessageId, Received, Result, Transactional};
 
@@ -21,9 +21,11 @@ pub trait Inbox: Transactional {
     /// Record `id` for `consumer` in `tx`. A concurrent transaction recording the same pair
     /// waits for this one, like a primary-key conflict does in SQL.
     async fn record(&self, tx: &mut Self::Tx, consumer: &str, id: MessageId) -> Result<Seen>;
-    /// Delete up to `limit` records made before `before`; returns how many. Only purge records
-    /// older than any redelivery you expect.
-    async fn purge_inbox(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
+    /// Delete up to `limit` records made more than `older_than` ago, by the store's clock
+    /// (never the caller's: a consumer whose clock runs an hour ahead must not delete the
+    /// records of messages it handled minutes ago, or their redeliveries would apply twice);
+    /// returns how many. Only purge records older than any redelivery you expect.
+    async fn purge_inbox(&self, older_than: Duration, limit: usize) -> Result<u64>;
 }
 
 /// How [`handle`] settled a delivery.

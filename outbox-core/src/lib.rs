@@ -22,11 +22,26 @@ pub use message::{
     ValidationError, partition_for, validate_identifier,
 };
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig, RelayStats};
+
+/// The relay's timing constants: what share of the lease publishing may take, how long a
+/// batch claimed ahead may wait, how failed claims, settles and broker probes back off, and
+/// how much one purge deletes. [`RelayConfig`] sets the lengths they are shares of.
+pub mod timing {
+    pub use crate::relay::{
+        CLAIM_AHEAD_MAX_WAIT, ERROR_BACKOFF_INITIAL, ERROR_BACKOFF_POLLS, OUTAGE_PROBE_INITIAL,
+        OUTAGE_PROBE_MAX, OUTAGE_PROBE_TIMEOUT, PUBLISH_SHARE_OF_LEASE, PURGE_CHUNK,
+        SETTLE_RETRIES, SETTLE_RETRY_INITIAL,
+    };
+}
 pub use retry::{RetryDecision, RetryPolicy};
 pub use store::{
-    BacklogStats, Claim, ClaimRequest, DeadLetters, Enqueue, Failure, Lease, PartitionLease, Store,
-    Transactional,
+    BacklogStats, Claim, ClaimRequest, DeadLetters, Enqueue, Failure, Inspect, KeyOrder, Lease,
+    PartitionLease, PartitionState, Store, TopicStats, Transactional,
 };
+
+/// The most key partitions a store accepts. Every store's builder refuses more with
+/// [`ErrorKind::InvalidInput`].
+pub const MAX_PARTITIONS: u32 = 4_096;
 
 pub use async_trait::async_trait;
 pub use bytes::Bytes;

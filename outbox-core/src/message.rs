@@ -329,8 +329,12 @@ pub struct Message {
 pub struct DeadLetter {
     /// The message as it was when it was given up.
     pub message: Message,
-    /// When it was dead-lettered.
+    /// When it was dead-lettered, by the store's clock.
     pub dead_at: DateTime<Utc>,
+    /// Later pending messages of its key. Under [`KeyOrder::Strict`](crate::KeyOrder::Strict)
+    /// they wait for this one to be requeued or deleted; in the default mode they are being
+    /// published meanwhile.
+    pub held_back: u64,
 }
 
 /// The partition a key belongs to, out of `partitions`. Stable across processes, versions and

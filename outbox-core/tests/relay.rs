@@ -31,7 +31,7 @@ impl Broker for Slow {
 /// A relay running in the background until [`Running::stop`].
 struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
-    run: tokio::task::JoinHandle<Result<RelayStats>>,
+    run: tokio::task::JoinHandle<RelayStats>,
 }
 
 impl Running {
@@ -54,7 +54,6 @@ impl Running {
         tokio::time::timeout(Duration::from_secs(5), self.run)
             .await
             .expect("shutdown took too long")
-            .unwrap()
             .unwrap()
     }
 }
@@ -105,12 +104,7 @@ async fn wait_published(relay: &Relay, n: u64) {
 /// nothing is.
 async fn claim_everything(store: &MemoryStore) -> Claim {
     store
-        .claim(&ClaimRequest {
-            owner: "next".into(),
-            max_messages: 100,
-            max_partitions: 64,
-            lease: Duration::from_secs(5),
-        })
+        .claim(&ClaimRequest::new("next", 100, 64, Duration::from_secs(5)))
         .await
         .unwrap()
         .expect("partitions still leased after shutdown")
@@ -176,8 +170,8 @@ impl Store for Watching {
     async fn release(&self, lease: &Lease) -> Result<()> {
         self.inner.release(lease).await
     }
-    async fn purge(&self, before: chrono::DateTime<chrono::Utc>, limit: usize) -> Result<u64> {
-        self.inner.purge(before, limit).await
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        self.inner.purge(older_than, limit).await
     }
     async fn stats(&self) -> Result<BacklogStats> {
         self.inner.stats().await

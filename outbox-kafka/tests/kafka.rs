@@ -282,7 +282,7 @@ async fn relay_keeps_per_key_order_across_many_transactions() {
         }
     }
     let _ = stop.send(());
-    let stats = running.await.unwrap().unwrap();
+    let stats = running.await.unwrap();
     assert_eq!(stats.published, 400, "{stats:?}");
     assert_eq!(first, expected, "first deliveries per key in enqueue order");
     sub.close().await;

@@ -212,7 +212,7 @@ async fn cutting_the_producers_connections_loses_nothing_and_keeps_key_order() {
     }
     let drained_in = started.elapsed();
     let _ = stop.send(());
-    let stats = running.await.unwrap().unwrap();
+    let stats = running.await.unwrap();
     let reconnects = proxy.accepted() - accepted_before;
     eprintln!(
         "proxy: {cuts} cuts ({mid_batch_cuts} during a publish), {reconnects} connections through the proxy, drained in {drained_in:?}; relay {stats:?}"

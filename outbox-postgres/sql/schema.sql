@@ -40,6 +40,10 @@ CREATE INDEX IF NOT EXISTS outbox_published_idx ON outbox (published_at)
 -- Dead letters, oldest first.
 CREATE INDEX IF NOT EXISTS outbox_dead_idx ON outbox (seq)
     WHERE dead_at IS NOT NULL AND published_at IS NULL;
+-- Dead letters by key: strict per-key order holds later messages behind them, and operators
+-- see how many each holds back.
+CREATE INDEX IF NOT EXISTS outbox_dead_key_idx ON outbox (partition, key, seq)
+    WHERE dead_at IS NOT NULL AND published_at IS NULL;
 
 -- One row per key partition: who leases it, until when, and the fencing token.
 CREATE TABLE IF NOT EXISTS outbox_partitions (

@@ -37,7 +37,8 @@
 //! // The relay side: publish committed messages (here to the in-memory broker).
 //! let relay = Relay::builder(Arc::new(store.clone()), Arc::new(MemoryBroker::new())).build()?;
 //! let shutdown = tokio::time::sleep(std::time::Duration::from_secs(3600));
-//! relay.run(shutdown).await?;
+//! let stats = relay.run(shutdown).await;
+//! println!("published {}", stats.published);
 //! # Ok(()) }
 //! ```
 //!
@@ -99,8 +100,7 @@ pub const DEFAULT_PARTITIONS_TABLE: &str = "outbox_partitions";
 pub const DEFAULT_INBOX_TABLE: &str = "outbox_inbox";
 /// The default number of key partitions: 64.
 pub const DEFAULT_PARTITIONS: u32 = 64;
-/// The largest supported number of key partitions.
-pub const MAX_PARTITIONS: u32 = 4_096;
+pub use outbox_core::MAX_PARTITIONS;
 
 /// The schema for default names, as shipped in `sql/schema.sql`: tables in the current schema
 /// (`search_path`), 64 partitions. For your own migrations.
@@ -173,9 +173,11 @@ impl PgStoreBuilder {
         self
     }
 
-    /// Create the schema and tables before checking them (default `false`). Idempotent and
-    /// safe to run from several processes at once: it runs in one transaction under an
-    /// advisory lock.
+    /// Create the schema and the tables and indexes that are missing before checking them
+    /// (default `true`). Idempotent and safe to run from several processes at once: it runs in
+    /// one transaction under an advisory lock, and runs no DDL when everything is in place.
+    /// Turn it off if you apply `sql/schema.sql` (or [`schema_sql`](Self::schema_sql)) in your
+    /// own migrations.
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
         self
@@ -227,9 +229,9 @@ impl PgStoreBuilder {
         self.check_partitions()?;
         let statements = Statements::new(&names);
         if self.migrate {
-            store::migrate(&self.pool, &names, self.partitions).await?;
+            schema::migrate(&self.pool, &names, self.partitions).await?;
         }
-        store::check_database(&self.pool, &names, &statements, self.partitions).await?;
+        schema::check(&self.pool, &names, &statements, self.partitions).await?;
         Ok(PgStore {
             inner: Arc::new(Inner {
                 channel: names.channel(),
@@ -282,8 +284,8 @@ impl std::fmt::Debug for PgStore {
 
 impl PgStore {
     /// Start configuring a store on `pool`, with the defaults: schema `public`, tables
-    /// `outbox`, `outbox_partitions`, `outbox_inbox`, 64 partitions, default limits, no
-    /// migration, key locks on.
+    /// `outbox`, `outbox_partitions`, `outbox_inbox`, 64 partitions, default limits,
+    /// migration on, key locks on.
     pub fn builder(pool: PgPool) -> PgStoreBuilder {
         PgStoreBuilder {
             pool,
@@ -293,7 +295,7 @@ impl PgStore {
             inbox_table: DEFAULT_INBOX_TABLE.to_string(),
             partitions: DEFAULT_PARTITIONS,
             limits: Limits::default(),
-            migrate: false,
+            migrate: true,
             key_locks: true,
         }
     }

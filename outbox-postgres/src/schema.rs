@@ -3,6 +3,13 @@
 //! unqualified, so it lands in the current `search_path`).
 
 use outbox_core::{Error, Result, validate_identifier};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+
+use crate::error::db_error;
+use crate::sql::Statements;
+
+/// The advisory lock that serialises migrations of every outbox-postgres schema in a database.
+const MIGRATION_LOCK: &str = "outbox-postgres migrate";
 
 /// The schema template. `{outbox}`, `{partitions}` and `{inbox}` are the table names (qualified
 /// or not), `{outbox_*_idx}` / `{inbox_*_idx}` the index names (never qualified: an index lives
@@ -35,6 +42,10 @@ CREATE INDEX IF NOT EXISTS {outbox_published_idx} ON {outbox} (published_at)
     WHERE published_at IS NOT NULL;
 -- Dead letters, oldest first.
 CREATE INDEX IF NOT EXISTS {outbox_dead_idx} ON {outbox} (seq)
+    WHERE dead_at IS NOT NULL AND published_at IS NULL;
+-- Dead letters by key: strict per-key order holds later messages behind them, and operators
+-- see how many each holds back.
+CREATE INDEX IF NOT EXISTS {outbox_dead_key_idx} ON {outbox} (partition, key, seq)
     WHERE dead_at IS NOT NULL AND published_at IS NULL;
 
 -- One row per key partition: who leases it, until when, and the fencing token.
@@ -81,7 +92,13 @@ const FILE_HEADER: &str = "\
 ";
 
 /// The suffixes of derived index names.
-const INDEX_SUFFIXES: [&str; 4] = ["_ready_idx", "_key_idx", "_published_idx", "_dead_idx"];
+const INDEX_SUFFIXES: [&str; 5] = [
+    "_ready_idx",
+    "_key_idx",
+    "_published_idx",
+    "_dead_idx",
+    "_dead_key_idx",
+];
 const INBOX_INDEX_SUFFIX: &str = "_created_idx";
 
 /// The validated names a store works with.
@@ -186,22 +203,21 @@ pub(crate) fn render(names: &Names, partitions: u32, qualify: bool) -> String {
             format!("{t}{suffix}")
         }
     };
-    TEMPLATE
-        .replace("{outbox_ready_idx}", &index(&names.outbox, "_ready_idx"))
-        .replace("{outbox_key_idx}", &index(&names.outbox, "_key_idx"))
-        .replace(
-            "{outbox_published_idx}",
-            &index(&names.outbox, "_published_idx"),
-        )
-        .replace("{outbox_dead_idx}", &index(&names.outbox, "_dead_idx"))
-        .replace(
-            "{inbox_created_idx}",
-            &index(&names.inbox, INBOX_INDEX_SUFFIX),
-        )
-        .replace("{outbox}", &table(&names.outbox))
-        .replace("{partitions}", &table(&names.partitions))
-        .replace("{inbox}", &table(&names.inbox))
-        .replace("{max_partition}", &(partitions - 1).to_string())
+    let mut sql = TEMPLATE.to_string();
+    for suffix in INDEX_SUFFIXES {
+        sql = sql.replace(
+            &format!("{{outbox{suffix}}}"),
+            &index(&names.outbox, suffix),
+        );
+    }
+    sql.replace(
+        "{inbox_created_idx}",
+        &index(&names.inbox, INBOX_INDEX_SUFFIX),
+    )
+    .replace("{outbox}", &table(&names.outbox))
+    .replace("{partitions}", &table(&names.partitions))
+    .replace("{inbox}", &table(&names.inbox))
+    .replace("{max_partition}", &(partitions - 1).to_string())
 }
 
 /// The text of `sql/schema.sql`: default names, unqualified, 64 partitions.
@@ -217,6 +233,131 @@ pub(crate) fn default_file() -> String {
         "{FILE_HEADER}{}",
         render(&names, crate::DEFAULT_PARTITIONS, false)
     )
+}
+
+/// Create the schema (if missing) and the tables, under a transaction-scoped advisory lock, and
+/// check the partition count before committing.
+pub(crate) async fn migrate(pool: &PgPool, names: &Names, partitions: u32) -> Result<()> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(|e| db_error("begin migration", e))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(fnv64(MIGRATION_LOCK.as_bytes()).cast_signed())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error("take the migration lock", e))?;
+    create_schema(&mut tx, names).await?;
+    // Skip the DDL when everything exists: even `CREATE INDEX IF NOT EXISTS` takes a SHARE lock
+    // on the table first, which would queue behind open transactions that enqueued and block
+    // every enqueue behind it, on each start of each process.
+    let statements = Statements::new(names);
+    let needs_ddl = !missing_relations(&mut tx, names).await?.is_empty() || {
+        let (count, _, _) = partition_rows(&mut tx, &statements).await?;
+        count == 0
+    };
+    if needs_ddl {
+        sqlx::raw_sql(AssertSqlSafe(render(names, partitions, true)))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("create the outbox tables", e))?;
+    }
+    check_partition_rows(&mut tx, names, &statements, partitions).await?;
+    tx.commit()
+        .await
+        .map_err(|e| db_error("commit the migration", e))?;
+    tracing::info!(schema = %names.schema, outbox = %names.outbox, partitions, "outbox schema is in place");
+    Ok(())
+}
+
+async fn create_schema(conn: &mut PgConnection, names: &Names) -> Result<()> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&names.schema)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| db_error("look up the schema", e))?;
+    if !exists {
+        // The schema name was validated by `Names::new`.
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            names.schema
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| db_error("create the schema", e))?;
+    }
+    Ok(())
+}
+
+/// The tables and indexes of this version's schema that do not exist.
+async fn missing_relations(conn: &mut PgConnection, names: &Names) -> Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT r.name FROM unnest($1::text[]) AS r(name) WHERE to_regclass(r.name) IS NULL",
+    )
+    .bind(names.relations())
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| db_error("look up the outbox tables", e))
+}
+
+/// Check that every table and index of this version exists and the partitions table holds
+/// `partitions` partitions; returns a short description of what is there.
+pub(crate) async fn check(
+    pool: &PgPool,
+    names: &Names,
+    statements: &Statements,
+    partitions: u32,
+) -> Result<String> {
+    let mut conn = pool.acquire().await.map_err(|e| db_error("connect", e))?;
+    let missing = missing_relations(&mut conn, names).await?;
+    if !missing.is_empty() {
+        return Err(Error::config(format!(
+            "the outbox schema is missing {} (or it is from an older version): run the \
+             migration (PgStore::builder(pool).migrate(true), or `outbox migrate`) or apply the \
+             crate's sql/schema.sql",
+            missing.join(", ")
+        )));
+    }
+    check_partition_rows(&mut conn, names, statements, partitions).await?;
+    Ok(format!(
+        "schema {}, tables {}, {}, {}; {partitions} partitions",
+        names.schema, names.outbox, names.partitions, names.inbox
+    ))
+}
+
+async fn partition_rows(
+    conn: &mut PgConnection,
+    statements: &Statements,
+) -> Result<(i64, i32, i32)> {
+    sqlx::query_as(AssertSqlSafe(statements.partition_check.clone()))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| db_error("count the partitions", e))
+}
+
+async fn check_partition_rows(
+    conn: &mut PgConnection,
+    names: &Names,
+    statements: &Statements,
+    partitions: u32,
+) -> Result<()> {
+    let (count, min, max) = partition_rows(conn, statements).await?;
+    let table = format!("{}.{}", names.schema, names.partitions);
+    if count == 0 {
+        return Err(Error::config(format!(
+            "{table} holds no partitions: run the migration or apply the crate's sql/schema.sql"
+        )));
+    }
+    let expected_max = i64::from(partitions) - 1;
+    if count != i64::from(partitions) || min != 0 || i64::from(max) != expected_max {
+        return Err(Error::config(format!(
+            "the store is configured with {partitions} partitions but {table} holds {count} \
+             (numbered {min}..={max}); the partition count cannot change once messages were \
+             written: configure .partitions({count})"
+        )));
+    }
+    Ok(())
 }
 
 /// FNV-1a, 64 bit: stable across processes and versions (lock keys, channel names).

@@ -1,4 +1,10 @@
 //! The statements of a store, built once from validated names.
+//!
+//! Templates name their tables `{OUTBOX}`, `{PARTITIONS}` and `{INBOX}` (schema-qualified,
+//! quoted names are filled in), and share three fragments built by functions of their own:
+//! [`ready`] (is a message due and first of its key), [`fence`] (is the lease still held) and
+//! [`mark_failed`] (record failures). Each statement's parameters are listed above it, and
+//! [`PgStore`](crate::PgStore)'s calls bind them in that order.
 
 use std::sync::Arc;
 
@@ -7,111 +13,294 @@ use crate::schema::Names;
 /// Every statement a store runs, with its table names filled in.
 #[derive(Debug)]
 pub(crate) struct Statements {
+    /// `$1` ids, `$2` topics, `$3` keys, `$4` payloads, `$5` headers, `$6` partitions,
+    /// `$7` available_at (NULL: now), `$8` shared locks, `$9` exclusive locks, `$10` channel.
     pub(crate) enqueue: Arc<str>,
-    pub(crate) claim: Arc<str>,
+    /// Claims, `[default key order, strict key order]`: `$1` owner, `$2` max partitions,
+    /// `$3` max messages, `$4` lease (µs).
+    claim: [Arc<str>; 2],
+    /// `$1` owner, `$2` partitions, `$3` tokens, `$4` ids.
     pub(crate) ack: Arc<str>,
+    /// `$1` owner, `$2` partitions, `$3` tokens, `$4` ids, `$5` errors, `$6` retry delays
+    /// (µs; NULL: dead-letter), `$7` attempts to add.
     pub(crate) fail: Arc<str>,
+    /// `$1` owner, `$2` partitions, `$3` tokens.
     pub(crate) release: Arc<str>,
+    /// `$1` owner, `$2` partitions, `$3` tokens, `$4` published ids, `$5`..`$8` failures as
+    /// for `fail` (ids, errors, retry delays, attempts to add).
     pub(crate) settle: Arc<str>,
+    /// `$1` age (µs), `$2` limit.
     pub(crate) purge: Arc<str>,
+    /// No parameters.
     pub(crate) stats: Arc<str>,
+    /// `$1` consumer, `$2` message id.
     pub(crate) record: Arc<str>,
+    /// `$1` age (µs), `$2` limit.
     pub(crate) purge_inbox: Arc<str>,
+    /// `$1` topic or NULL, `$2` limit.
     pub(crate) list_dead: Arc<str>,
+    /// `$1` ids, `$2` channel.
     pub(crate) requeue: Arc<str>,
+    /// `$1` topic, `$2` channel.
     pub(crate) requeue_topic: Arc<str>,
+    /// `$1` ids.
     pub(crate) delete_dead: Arc<str>,
+    /// No parameters.
+    pub(crate) topic_stats: Arc<str>,
+    /// No parameters.
+    pub(crate) partitions: Arc<str>,
+    /// No parameters.
     pub(crate) partition_check: Arc<str>,
-    pub(crate) tables_check: Arc<str>,
 }
 
-/// A message is ready when it is pending, available, and no earlier pending message of its key
-/// (in its partition) is still waiting for its time (delayed delivery or retry backoff).
+/// The columns of a message, as `message_from_row` reads them.
+const MESSAGE_COLUMNS: &str = "m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.partition, \
+     m.created_at, m.available_at, m.attempts, m.last_error";
+
+/// Whether row `m` is ready: pending, available, and no earlier pending message of its key (in
+/// its partition) is still waiting for its time (delayed delivery or retry backoff); in
+/// `strict` key order, no earlier dead letter of its key either.
 ///
 /// `OFFSET 0` keeps the sub-selects correlated sub-plans, probed per row through the indexes
 /// with the outer row's values, instead of letting the planner turn them into joins, whose
 /// plans depend on statistics (and go quadratic on a young table that was never analysed).
-const READY: &str = "m.published_at IS NULL AND m.dead_at IS NULL AND m.available_at <= now()
+fn ready(strict: bool) -> String {
+    let mut sql = String::from(
+        "m.published_at IS NULL AND m.dead_at IS NULL AND m.available_at <= now()
           AND NOT EXISTS (
-              SELECT 1 FROM {T} w
+              SELECT 1 FROM {OUTBOX} w
               WHERE w.partition = m.partition AND w.key = m.key
                 AND w.published_at IS NULL AND w.dead_at IS NULL
                 AND w.available_at > now() AND w.seq < m.seq
-              OFFSET 0)";
+              OFFSET 0)",
+    );
+    if strict {
+        sql.push_str(
+            "
+          AND NOT EXISTS (
+              SELECT 1 FROM {OUTBOX} d
+              WHERE d.partition = m.partition AND d.key = m.key
+                AND d.dead_at IS NOT NULL AND d.published_at IS NULL AND d.seq < m.seq
+              OFFSET 0)",
+        );
+    }
+    sql
+}
 
-/// The lease check shared by ack and fail: the (partition, token) pairs of the lease that are
-/// still held by the owner, locked FOR SHARE so no claim can take them over until the
-/// statement commits.
-const FENCE: &str = "held AS MATERIALIZED (
+/// The lease check: CTE `held` holds the (partition, token) pairs of the lease (`$2`, `$3`)
+/// still held by the owner (`$1`), locked with `lock` so no claim can take them over until
+/// the statement commits; CTE `fence` says whether all of them are. `ack` and `fail` lock
+/// `FOR SHARE`; `settle`, which then releases the partitions in the same statement, locks
+/// `FOR NO KEY UPDATE` at once (upgrading a share lock would deadlock with another holder).
+fn fence(lock: &str) -> String {
+    format!(
+        "held AS MATERIALIZED (
     SELECT p.partition
-    FROM {P} p
+    FROM {{PARTITIONS}} p
     JOIN unnest($2::int4[], $3::int8[]) AS l(partition, token)
       ON p.partition = l.partition AND p.token = l.token
     WHERE p.owner = $1 AND p.lease_until > now()
-    FOR SHARE OF p
+    {lock} OF p
 ),
 fence AS MATERIALIZED (
     SELECT count(*) = cardinality($2::int4[]) AS ok FROM held
-)";
+)"
+    )
+}
 
-/// The lease check of settle: as [`FENCE`], but the held partitions are locked FOR NO KEY
-/// UPDATE, as the same statement then releases them (taking the row lock at once, where FOR
-/// SHARE would have to be upgraded, a deadlock with another holder of the share lock).
-const SETTLE_FENCE: &str = "held AS MATERIALIZED (
-    SELECT p.partition
-    FROM {P} p
-    JOIN unnest($2::int4[], $3::int8[]) AS l(partition, token)
-      ON p.partition = l.partition AND p.token = l.token
-    WHERE p.owner = $1 AND p.lease_until > now()
-    FOR NO KEY UPDATE OF p
-),
-fence AS MATERIALIZED (
-    SELECT count(*) = cardinality($2::int4[]) AS ok FROM held
-)";
-
-/// Record the failures of CTE `f` (id, error, retry_at, n) on messages still pending in the
-/// lease's partitions ($2), if the fence holds: count the attempts, keep the error, set the
-/// retry time or dead-letter. `{IDS}` is the parameter holding the failed ids (an index hint
-/// for the planner), shared by `fail` and `settle`.
-const MARK_FAILED: &str = "UPDATE {T} m
+/// Record the failures of CTE `f` (id, error, retry_after_us, n) on messages still pending in
+/// the lease's partitions (`$2`), if the fence holds: count the attempts, keep the error, set
+/// the retry time (the store's `now()` plus the delay) or dead-letter. `ids` is the parameter
+/// holding the failed ids (an index hint for the planner).
+fn mark_failed(ids: &str) -> String {
+    format!(
+        "UPDATE {{OUTBOX}} m
     SET attempts = least(m.attempts::int8 + f.n, 2147483647)::int4,
         last_error = f.error,
-        available_at = coalesce(f.retry_at, m.available_at),
-        dead_at = CASE WHEN f.retry_at IS NULL THEN now() END
+        available_at = coalesce(now() + f.retry_after_us * interval '1 microsecond',
+                                m.available_at),
+        dead_at = CASE WHEN f.retry_after_us IS NULL THEN now() END
     FROM f
     WHERE m.id = f.id
-      AND m.id = ANY({IDS}::uuid[])
+      AND m.id = ANY({ids}::uuid[])
       AND m.partition = ANY($2::int4[])
       AND m.published_at IS NULL AND m.dead_at IS NULL
       AND (SELECT ok FROM fence)
-    RETURNING 1";
+    RETURNING 1"
+    )
+}
 
-const MESSAGE_COLUMNS: &str = "m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.partition, \
-     m.created_at, m.available_at, m.attempts, m.last_error";
+/// The claim: lease up to `$2` free partitions with a ready message (least recently claimed
+/// first, skipping those another claim has locked), read up to `$3` ready messages of them in
+/// sequence order, and lease the partitions they are in for `$4` µs under owner `$1`.
+fn claim(strict: bool) -> String {
+    let ready = ready(strict);
+    format!(
+        "WITH cand AS MATERIALIZED (
+    SELECT p.partition
+    FROM {{PARTITIONS}} p
+    WHERE p.lease_until <= now()
+      AND EXISTS (
+          SELECT 1 FROM {{OUTBOX}} m WHERE m.partition = p.partition AND {ready}
+          OFFSET 0)
+    ORDER BY p.claimed_at, p.partition
+    LIMIT $2
+    FOR UPDATE OF p SKIP LOCKED
+),
+msgs AS MATERIALIZED (
+    SELECT r.*
+    FROM cand c
+    CROSS JOIN LATERAL (
+        SELECT {MESSAGE_COLUMNS}
+        FROM {{OUTBOX}} m
+        WHERE m.partition = c.partition AND {ready}
+        ORDER BY m.seq
+        LIMIT $3
+    ) r
+    ORDER BY r.seq
+    LIMIT $3
+),
+leased AS (
+    UPDATE {{PARTITIONS}} p
+    SET token = p.token + 1,
+        owner = $1,
+        lease_until = now() + $4::int8 * interval '1 microsecond',
+        claimed_at = now()
+    WHERE p.partition IN (SELECT partition FROM msgs)
+    RETURNING p.partition, p.token, p.lease_until
+)
+SELECT {MESSAGE_COLUMNS}, l.token, l.lease_until
+FROM msgs m JOIN leased l ON l.partition = m.partition
+ORDER BY m.seq"
+    )
+}
+
+/// The failures parameters (`ids`, errors, delays, counts) as CTE `f`.
+fn failures(first: usize) -> String {
+    let [a, b, c, d] = [first, first + 1, first + 2, first + 3];
+    format!(
+        "SELECT * FROM unnest(${a}::uuid[], ${b}::text[], ${c}::int8[], ${d}::int4[])
+        AS f(id, error, retry_after_us, n)"
+    )
+}
 
 impl Statements {
     pub(crate) fn new(names: &Names) -> Statements {
-        let t = names.qualified(&names.outbox);
-        let p = names.qualified(&names.partitions);
-        let i = names.qualified(&names.inbox);
-        let fill = |sql: String| -> Arc<str> {
-            sql.replace("{MARK_FAILED_4}", &MARK_FAILED.replace("{IDS}", "$4"))
-                .replace("{MARK_FAILED_5}", &MARK_FAILED.replace("{IDS}", "$5"))
-                .replace("{READY}", READY)
-                .replace("{SETTLE_FENCE}", SETTLE_FENCE)
-                .replace("{FENCE}", FENCE)
-                .replace("{COLS}", MESSAGE_COLUMNS)
-                .replace("{T}", &t)
-                .replace("{P}", &p)
-                .replace("{I}", &i)
-                .into()
-        };
+        let fill = |sql: String| -> Arc<str> { fill(names, &sql).into() };
         Statements {
-            // $1..$7 the messages, $8 shared (partition) locks, $9 exclusive (key or
-            // partition) locks, $10 the channel. The locks are taken in this order before any
-            // row is inserted; the NOTIFY is delivered at commit.
-            enqueue: fill(
-                "WITH shared_locks AS MATERIALIZED (
+            enqueue: fill(enqueue()),
+            claim: [fill(claim(false)), fill(claim(true))],
+            ack: fill(format!(
+                "WITH {},
+done AS (
+    UPDATE {{OUTBOX}} m SET published_at = now()
+    WHERE m.id = ANY($4::uuid[])
+      AND m.partition = ANY($2::int4[])
+      AND m.published_at IS NULL AND m.dead_at IS NULL
+      AND (SELECT ok FROM fence)
+    RETURNING 1
+)
+SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked",
+                fence("FOR SHARE")
+            )),
+            fail: fill(format!(
+                "WITH {},
+f AS ({}),
+done AS ({})
+SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked",
+                fence("FOR SHARE"),
+                failures(4),
+                mark_failed("$4")
+            )),
+            release: fill(
+                "UPDATE {PARTITIONS} p SET owner = NULL, lease_until = now()
+FROM unnest($2::int4[], $3::int8[]) AS l(partition, token)
+WHERE p.partition = l.partition AND p.token = l.token AND p.owner = $1"
+                    .to_string(),
+            ),
+            settle: fill(settle()),
+            purge: fill(
+                "DELETE FROM {OUTBOX} WHERE seq IN (
+    SELECT seq FROM {OUTBOX}
+    WHERE published_at IS NOT NULL
+      AND published_at < now() - $1::int8 * interval '1 microsecond'
+    ORDER BY published_at
+    LIMIT $2
+)"
+                .to_string(),
+            ),
+            stats: fill(stats()),
+            record: fill(
+                "INSERT INTO {INBOX} (consumer, message_id) VALUES ($1, $2)
+ON CONFLICT (consumer, message_id) DO NOTHING"
+                    .to_string(),
+            ),
+            purge_inbox: fill(
+                "DELETE FROM {INBOX} WHERE (consumer, message_id) IN (
+    SELECT consumer, message_id FROM {INBOX}
+    WHERE created_at < now() - $1::int8 * interval '1 microsecond'
+    LIMIT $2
+)"
+                .to_string(),
+            ),
+            list_dead: fill(format!(
+                "SELECT {MESSAGE_COLUMNS}, m.dead_at,
+       (SELECT count(*) FROM {{OUTBOX}} o
+        WHERE o.partition = m.partition AND o.key = m.key AND o.seq > m.seq
+          AND o.published_at IS NULL AND o.dead_at IS NULL) AS held_back
+FROM {{OUTBOX}} m
+WHERE m.dead_at IS NOT NULL AND m.published_at IS NULL
+  AND ($1::text IS NULL OR m.topic = $1)
+ORDER BY m.seq
+LIMIT $2"
+            )),
+            requeue: fill(requeue("id = ANY($1::uuid[])")),
+            requeue_topic: fill(requeue("topic = $1")),
+            delete_dead: fill(
+                "DELETE FROM {OUTBOX} WHERE id = ANY($1::uuid[]) AND dead_at IS NOT NULL"
+                    .to_string(),
+            ),
+            topic_stats: fill(
+                "SELECT topic,
+       count(*) FILTER (WHERE published_at IS NULL AND dead_at IS NULL) AS pending,
+       count(*) FILTER (WHERE dead_at IS NOT NULL AND published_at IS NULL) AS dead,
+       count(*) FILTER (WHERE published_at IS NOT NULL) AS published,
+       (extract(epoch FROM now() - min(created_at)
+            FILTER (WHERE published_at IS NULL AND dead_at IS NULL)) * 1000000)::int8
+           AS oldest_age_us
+FROM {OUTBOX}
+GROUP BY topic
+ORDER BY topic"
+                    .to_string(),
+            ),
+            partitions: fill(
+                "SELECT p.partition, p.owner, p.token, p.lease_until,
+       (extract(epoch FROM p.lease_until - now()) * 1000000)::int8 AS lease_left_us,
+       (SELECT count(*) FROM {OUTBOX} m
+        WHERE m.partition = p.partition AND m.published_at IS NULL AND m.dead_at IS NULL)
+           AS pending
+FROM {PARTITIONS} p
+ORDER BY p.partition"
+                    .to_string(),
+            ),
+            partition_check: fill(
+                "SELECT count(*), coalesce(min(partition), -1), coalesce(max(partition), -1)
+FROM {PARTITIONS}"
+                    .to_string(),
+            ),
+        }
+    }
+
+    /// The claim statement for the key order.
+    pub(crate) fn claim(&self, strict: bool) -> &Arc<str> {
+        &self.claim[usize::from(strict)]
+    }
+}
+
+/// The locks are taken in this order before any row is inserted; the NOTIFY is delivered at
+/// commit.
+fn enqueue() -> String {
+    "WITH shared_locks AS MATERIALIZED (
     SELECT count(pg_advisory_xact_lock_shared(s)) AS n FROM unnest($8::int8[]) AS s
 ),
 exclusive_locks AS MATERIALIZED (
@@ -119,7 +308,7 @@ exclusive_locks AS MATERIALIZED (
     WHERE (SELECT n FROM shared_locks) >= 0
 ),
 ins AS (
-    INSERT INTO {T} (id, topic, key, payload, headers, partition, available_at)
+    INSERT INTO {OUTBOX} (id, topic, key, payload, headers, partition, available_at)
     SELECT u.id, u.topic, u.key, u.payload, u.headers, u.partition, coalesce(u.available_at, now())
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[], $6::int4[],
                 $7::timestamptz[])
@@ -130,108 +319,27 @@ ins AS (
 )
 SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT count(*) FROM (SELECT pg_notify($10, '')) AS x) AS notified"
-                    .to_string(),
-            ),
-            // $1 owner, $2 max partitions, $3 max messages, $4 lease in microseconds.
-            claim: fill(
-                "WITH cand AS MATERIALIZED (
-    SELECT p.partition
-    FROM {P} p
-    WHERE p.lease_until <= now()
-      AND EXISTS (
-          SELECT 1 FROM {T} m WHERE m.partition = p.partition AND {READY}
-          OFFSET 0)
-    ORDER BY p.claimed_at, p.partition
-    LIMIT $2
-    FOR UPDATE OF p SKIP LOCKED
-),
-msgs AS MATERIALIZED (
-    SELECT r.*
-    FROM cand c
-    CROSS JOIN LATERAL (
-        SELECT {COLS}
-        FROM {T} m
-        WHERE m.partition = c.partition AND {READY}
-        ORDER BY m.seq
-        LIMIT $3
-    ) r
-    ORDER BY r.seq
-    LIMIT $3
-),
-leased AS (
-    UPDATE {P} p
-    SET token = p.token + 1,
-        owner = $1,
-        lease_until = now() + $4::int8 * interval '1 microsecond',
-        claimed_at = now()
-    WHERE p.partition IN (SELECT partition FROM msgs)
-    RETURNING p.partition, p.token, p.lease_until
-)
-SELECT {COLS}, l.token, l.lease_until
-FROM msgs m JOIN leased l ON l.partition = m.partition
-ORDER BY m.seq"
-                    .to_string(),
-            ),
-            // $1 owner, $2 partitions, $3 tokens, $4 ids.
-            ack: fill(
-                "WITH {FENCE},
-done AS (
-    UPDATE {T} m SET published_at = now()
-    WHERE m.id = ANY($4::uuid[])
-      AND m.partition = ANY($2::int4[])
-      AND m.published_at IS NULL AND m.dead_at IS NULL
-      AND (SELECT ok FROM fence)
-    RETURNING 1
-)
-SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked"
-                    .to_string(),
-            ),
-            // $1 owner, $2 partitions, $3 tokens, $4 ids, $5 errors, $6 retry times (NULL:
-            // dead-letter), $7 attempts to add.
-            fail: fill(
-                "WITH {FENCE},
-f AS (
-    SELECT * FROM unnest($4::uuid[], $5::text[], $6::timestamptz[], $7::int4[])
-        AS f(id, error, retry_at, n)
-),
-done AS (
-    {MARK_FAILED_4}
-)
-SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked"
-                    .to_string(),
-            ),
-            // $1 owner, $2 partitions, $3 tokens.
-            release: fill(
-                "UPDATE {P} p SET owner = NULL, lease_until = now()
-FROM unnest($2::int4[], $3::int8[]) AS l(partition, token)
-WHERE p.partition = l.partition AND p.token = l.token AND p.owner = $1"
-                    .to_string(),
-            ),
-            // ack, fail and release in one statement, all fenced: with the lease lost nothing is
-            // marked nor released. $1 owner, $2 partitions, $3 tokens, $4 published ids, $5..$8
-            // failures as for `fail` (ids, errors, retry times, attempts to add). A failure of a
-            // message also in $4 is ignored, as `fail` after `ack` would find it published (and
-            // one statement must not update a row twice).
-            settle: fill(
-                "WITH {SETTLE_FENCE},
+        .to_string()
+}
+
+/// Ack, fail and release in one statement, all fenced: with the lease lost nothing is marked
+/// nor released. A failure of a message also in `$4` is ignored, as `fail` after `ack` would
+/// find it published (and one statement must not update a row twice).
+fn settle() -> String {
+    format!(
+        "WITH {},
 acked AS (
-    UPDATE {T} m SET published_at = now()
+    UPDATE {{OUTBOX}} m SET published_at = now()
     WHERE m.id = ANY($4::uuid[])
       AND m.partition = ANY($2::int4[])
       AND m.published_at IS NULL AND m.dead_at IS NULL
       AND (SELECT ok FROM fence)
     RETURNING 1
 ),
-f AS (
-    SELECT * FROM unnest($5::uuid[], $6::text[], $7::timestamptz[], $8::int4[])
-        AS f(id, error, retry_at, n)
-    WHERE f.id <> ALL($4::uuid[])
-),
-failed AS (
-    {MARK_FAILED_5}
-),
+f AS ({} WHERE f.id <> ALL($4::uuid[])),
+failed AS ({}),
 released AS (
-    UPDATE {P} p SET owner = NULL, lease_until = now()
+    UPDATE {{PARTITIONS}} p SET owner = NULL, lease_until = now()
     FROM unnest($2::int4[], $3::int8[]) AS l(partition, token)
     WHERE p.partition = l.partition AND p.token = l.token AND p.owner = $1
       AND (SELECT ok FROM fence)
@@ -239,87 +347,97 @@ released AS (
 )
 SELECT (SELECT ok FROM fence) AS held,
        (SELECT count(*) FROM acked) + (SELECT count(*) FROM failed) AS marked,
-       (SELECT count(*) FROM released) AS released"
-                    .to_string(),
-            ),
-            // $1 before, $2 limit.
-            purge: fill(
-                "DELETE FROM {T} WHERE seq IN (
-    SELECT seq FROM {T}
-    WHERE published_at IS NOT NULL AND published_at < $1
-    ORDER BY published_at
-    LIMIT $2
-)"
-                .to_string(),
-            ),
-            stats: fill(
-                "SELECT
-    (SELECT count(*) FROM {T} WHERE published_at IS NULL AND dead_at IS NULL) AS pending,
-    (SELECT count(*) FROM {T} WHERE dead_at IS NOT NULL AND published_at IS NULL) AS dead,
-    (SELECT count(*) FROM {T} WHERE published_at IS NOT NULL) AS published,
-    (SELECT min(created_at) FROM {T} WHERE published_at IS NULL AND dead_at IS NULL)
-        AS oldest_pending"
-                    .to_string(),
-            ),
-            record: fill(
-                "INSERT INTO {I} (consumer, message_id) VALUES ($1, $2)
-ON CONFLICT (consumer, message_id) DO NOTHING"
-                    .to_string(),
-            ),
-            purge_inbox: fill(
-                "DELETE FROM {I} WHERE (consumer, message_id) IN (
-    SELECT consumer, message_id FROM {I} WHERE created_at < $1 LIMIT $2
-)"
-                .to_string(),
-            ),
-            // $1 topic or NULL, $2 limit.
-            list_dead: fill(
-                "SELECT {COLS}, m.dead_at
-FROM {T} m
-WHERE m.dead_at IS NOT NULL AND m.published_at IS NULL
-  AND ($1::text IS NULL OR m.topic = $1)
-ORDER BY m.seq
-LIMIT $2"
-                    .to_string(),
-            ),
-            // $1 ids, $2 channel.
-            requeue: fill(
-                "WITH done AS (
-    UPDATE {T} SET dead_at = NULL, attempts = 0, available_at = now()
-    WHERE id = ANY($1::uuid[]) AND dead_at IS NOT NULL AND published_at IS NULL
+       (SELECT count(*) FROM released) AS released",
+        fence("FOR NO KEY UPDATE"),
+        failures(5),
+        mark_failed("$5")
+    )
+}
+
+/// Backlog counts, the oldest pending message's time and age (by the server's clock), and
+/// the pending messages held back behind a dead letter of their key (counted from the dead
+/// side: dead letters are few).
+fn stats() -> String {
+    "SELECT
+    (SELECT count(*) FROM {OUTBOX} WHERE published_at IS NULL AND dead_at IS NULL) AS pending,
+    (SELECT count(*) FROM {OUTBOX} WHERE dead_at IS NOT NULL AND published_at IS NULL) AS dead,
+    (SELECT count(*) FROM {OUTBOX} WHERE published_at IS NOT NULL) AS published,
+    o.oldest AS oldest_pending,
+    (extract(epoch FROM now() - o.oldest) * 1000000)::int8 AS oldest_age_us,
+    (SELECT coalesce(sum(h.n), 0)::int8 FROM (
+        SELECT (SELECT count(*) FROM {OUTBOX} m
+                WHERE m.partition = d.partition AND m.key = d.key AND m.seq > d.seq
+                  AND m.published_at IS NULL AND m.dead_at IS NULL) AS n
+        FROM (SELECT partition, key, min(seq) AS seq FROM {OUTBOX}
+              WHERE dead_at IS NOT NULL AND published_at IS NULL
+              GROUP BY partition, key) d
+    ) h) AS held_back
+FROM (SELECT min(created_at) AS oldest FROM {OUTBOX}
+      WHERE published_at IS NULL AND dead_at IS NULL) o"
+        .to_string()
+}
+
+/// Requeue the dead letters that `which` selects, and notify `$2` if any.
+fn requeue(which: &str) -> String {
+    format!(
+        "WITH done AS (
+    UPDATE {{OUTBOX}} SET dead_at = NULL, attempts = 0, available_at = now()
+    WHERE {which} AND dead_at IS NOT NULL AND published_at IS NULL
     RETURNING 1
 ),
 n AS MATERIALIZED (SELECT count(*) AS n FROM done)
 SELECT n.n, (SELECT count(*) FROM (SELECT pg_notify($2, '') WHERE n.n > 0) AS x) AS notified
 FROM n"
-                    .to_string(),
-            ),
-            // $1 topic, $2 channel.
-            requeue_topic: fill(
-                "WITH done AS (
-    UPDATE {T} SET dead_at = NULL, attempts = 0, available_at = now()
-    WHERE topic = $1 AND dead_at IS NOT NULL AND published_at IS NULL
-    RETURNING 1
-),
-n AS MATERIALIZED (SELECT count(*) AS n FROM done)
-SELECT n.n, (SELECT count(*) FROM (SELECT pg_notify($2, '') WHERE n.n > 0) AS x) AS notified
-FROM n"
-                    .to_string(),
-            ),
-            delete_dead: fill(
-                "DELETE FROM {T} WHERE id = ANY($1::uuid[]) AND dead_at IS NOT NULL".to_string(),
-            ),
-            partition_check: fill(
-                "SELECT count(*), coalesce(min(partition), -1), coalesce(max(partition), -1)
-FROM {P}"
-                    .to_string(),
-            ),
-            // $1..$3 the qualified table names, checked without failing on a missing one.
-            tables_check: fill(
-                "SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL,
-       to_regclass($3) IS NOT NULL"
-                    .to_string(),
-            ),
+    )
+}
+
+/// Fill in the table names.
+fn fill(names: &Names, sql: &str) -> String {
+    sql.replace("{OUTBOX}", &names.qualified(&names.outbox))
+        .replace("{PARTITIONS}", &names.qualified(&names.partitions))
+        .replace("{INBOX}", &names.qualified(&names.inbox))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_template_placeholder_survives_rendering() {
+        let names = Names::new("s", "o", "p", "i").unwrap();
+        let s = Statements::new(&names);
+        let all = [
+            &s.enqueue,
+            s.claim(false),
+            s.claim(true),
+            &s.ack,
+            &s.fail,
+            &s.release,
+            &s.settle,
+            &s.purge,
+            &s.stats,
+            &s.record,
+            &s.purge_inbox,
+            &s.list_dead,
+            &s.requeue,
+            &s.requeue_topic,
+            &s.delete_dead,
+            &s.topic_stats,
+            &s.partitions,
+            &s.partition_check,
+        ];
+        for sql in all {
+            // `'{}'` is the only brace in the SQL (jsonb default is in the schema, not here).
+            assert!(
+                !sql.contains('{') && !sql.contains('}'),
+                "a placeholder survived in:\n{sql}"
+            );
+            assert!(
+                !sql.contains("\"public\"") && !sql.contains(" outbox"),
+                "a default name in a renamed store:\n{sql}"
+            );
         }
+        assert!(s.claim(true).contains("d.dead_at IS NOT NULL"));
+        assert!(!s.claim(false).contains("d.dead_at IS NOT NULL"));
     }
 }

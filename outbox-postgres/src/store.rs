@@ -1,25 +1,25 @@
 //! The write side, the relay side, the inbox and dead letters of [`PgStore`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use outbox_core::{
     BacklogStats, Bytes, Claim, ClaimRequest, DeadLetter, DeadLetters, Enqueue, Error, ErrorKind,
-    Failure, Headers, Inbox, Lease, Message, MessageId, NewMessage, PartitionLease, Result, Seen,
-    Store, Transactional, partition_for,
+    Failure, Headers, Inbox, Inspect, KeyOrder, Lease, Message, MessageId, NewMessage,
+    PartitionLease, PartitionState, Result, Seen, Store, TopicStats, Transactional, partition_for,
 };
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::PgStore;
 use crate::error::db_error;
 use crate::listener::Listener;
-use crate::schema::{Names, fnv64, render};
-use crate::sql::Statements;
+use crate::schema::fnv64;
 
 /// A batch with more distinct keys than this locks its key stripes instead of its keys.
 const KEY_LOCK_LIMIT: usize = 16;
@@ -27,8 +27,6 @@ const KEY_LOCK_LIMIT: usize = 16;
 const LOCK_STRIPES: u32 = 64;
 /// Most rows one purge statement deletes.
 const PURGE_CHUNK: u64 = 5_000;
-/// The advisory lock that serialises migrations of every outbox-postgres schema in a database.
-const MIGRATION_LOCK: &str = "outbox-postgres migrate";
 
 fn sql(statement: &std::sync::Arc<str>) -> AssertSqlSafe<std::sync::Arc<str>> {
     // Every statement was built from validated identifiers only (see `Names::new`); values are
@@ -40,125 +38,18 @@ fn clamp(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Create the schema (if missing) and the tables, under a transaction-scoped advisory lock, and
-/// check the partition count before committing.
-pub(crate) async fn migrate(pool: &PgPool, names: &Names, partitions: u32) -> Result<()> {
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(|e| db_error("begin migration", e))?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(fnv64(MIGRATION_LOCK.as_bytes()) as i64)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error("take the migration lock", e))?;
-    let schema_exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-            .bind(&names.schema)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| db_error("look up the schema", e))?;
-    if !schema_exists {
-        // The schema name was validated by `Names::new`.
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-            names.schema
-        )))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error("create the schema", e))?;
-    }
-    // Skip the DDL when everything exists: even `CREATE INDEX IF NOT EXISTS` takes a SHARE lock
-    // on the table first, which would queue behind open transactions that enqueued and block
-    // every enqueue behind it, on each start of each process.
-    let missing: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM unnest($1::text[]) AS r(name) WHERE to_regclass(r.name) IS NULL",
-    )
-    .bind(names.relations())
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(|e| db_error("look up the outbox tables", e))?;
-    let statements = Statements::new(names);
-    let needs_ddl = missing > 0 || {
-        let (count, _, _): (i64, i32, i32) = sqlx::query_as(sql(&statements.partition_check))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| db_error("count the partitions", e))?;
-        count == 0
-    };
-    if needs_ddl {
-        sqlx::raw_sql(AssertSqlSafe(render(names, partitions, true)))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error("create the outbox tables", e))?;
-    }
-    check_partition_rows(&mut tx, names, &statements, partitions).await?;
-    tx.commit()
-        .await
-        .map_err(|e| db_error("commit the migration", e))?;
-    tracing::info!(schema = %names.schema, outbox = %names.outbox, partitions, "outbox schema is in place");
-    Ok(())
+/// A duration in whole microseconds, as the statements take delays and ages.
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Check that the tables exist and hold `partitions` partitions.
-pub(crate) async fn check_database(
-    pool: &PgPool,
-    names: &Names,
-    statements: &Statements,
-    partitions: u32,
-) -> Result<()> {
-    let mut conn = pool.acquire().await.map_err(|e| db_error("connect", e))?;
-    let (outbox, parts, inbox): (bool, bool, bool) = sqlx::query_as(sql(&statements.tables_check))
-        .bind(names.qualified(&names.outbox))
-        .bind(names.qualified(&names.partitions))
-        .bind(names.qualified(&names.inbox))
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| db_error("look up the outbox tables", e))?;
-    let missing: Vec<String> = [
-        (outbox, &names.outbox),
-        (parts, &names.partitions),
-        (inbox, &names.inbox),
-    ]
-    .into_iter()
-    .filter(|(exists, _)| !exists)
-    .map(|(_, table)| format!("{}.{}", names.schema, table))
-    .collect();
-    if !missing.is_empty() {
-        return Err(Error::config(format!(
-            "the outbox tables {} do not exist: run the migration \
-             (PgStore::builder(pool).migrate(true)) or apply the crate's sql/schema.sql",
-            missing.join(", ")
-        )));
-    }
-    check_partition_rows(&mut conn, names, statements, partitions).await
+/// A microsecond count the server computed, as a duration (negative: zero).
+fn duration_us(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
-async fn check_partition_rows(
-    conn: &mut PgConnection,
-    names: &Names,
-    statements: &Statements,
-    partitions: u32,
-) -> Result<()> {
-    let (count, min, max): (i64, i32, i32) = sqlx::query_as(sql(&statements.partition_check))
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| db_error("count the partitions", e))?;
-    let table = format!("{}.{}", names.schema, names.partitions);
-    if count == 0 {
-        return Err(Error::config(format!(
-            "{table} holds no partitions: run the migration or apply the crate's sql/schema.sql"
-        )));
-    }
-    let expected_max = i64::from(partitions) - 1;
-    if count != i64::from(partitions) || min != 0 || i64::from(max) != expected_max {
-        return Err(Error::config(format!(
-            "the store is configured with {partitions} partitions but {table} holds {count} \
-             (numbered {min}..={max}); the partition count cannot change once messages were \
-             written: configure .partitions({count})"
-        )));
-    }
-    Ok(())
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }
 
 fn message_from_row(row: &PgRow) -> std::result::Result<Message, sqlx::Error> {
@@ -217,7 +108,8 @@ fn conflict(lease: &Lease) -> Error {
 struct FoldedFailures {
     ids: Vec<Uuid>,
     errors: Vec<String>,
-    retry_at: Vec<Option<DateTime<Utc>>>,
+    /// Retry delays in µs; `None` dead-letters.
+    retry_after: Vec<Option<i64>>,
     counts: Vec<i32>,
 }
 
@@ -226,17 +118,17 @@ impl FoldedFailures {
         struct Folded {
             n: i32,
             error: String,
-            retry_at: Option<DateTime<Utc>>,
+            retry_after: Option<i64>,
         }
         let mut order: Vec<MessageId> = Vec::new();
         let mut folded: HashMap<MessageId, Folded> = HashMap::new();
         for f in failures {
             match folded.get_mut(&f.id) {
-                Some(prev) if prev.retry_at.is_none() => {}
+                Some(prev) if prev.retry_after.is_none() => {}
                 Some(prev) => {
                     prev.n = prev.n.saturating_add(1);
                     prev.error = sanitize(&f.error);
-                    prev.retry_at = f.retry_at;
+                    prev.retry_after = f.retry_after.map(micros);
                 }
                 None => {
                     order.push(f.id);
@@ -245,7 +137,7 @@ impl FoldedFailures {
                         Folded {
                             n: 1,
                             error: sanitize(&f.error),
-                            retry_at: f.retry_at,
+                            retry_after: f.retry_after.map(micros),
                         },
                     );
                 }
@@ -254,14 +146,14 @@ impl FoldedFailures {
         let mut out = FoldedFailures {
             ids: Vec::with_capacity(order.len()),
             errors: Vec::with_capacity(order.len()),
-            retry_at: Vec::with_capacity(order.len()),
+            retry_after: Vec::with_capacity(order.len()),
             counts: Vec::with_capacity(order.len()),
         };
         for id in order {
             let f = folded.remove(&id).expect("every id was folded");
             out.ids.push(id.as_uuid());
             out.errors.push(f.error);
-            out.retry_at.push(f.retry_at);
+            out.retry_after.push(f.retry_after);
             out.counts.push(f.n);
         }
         out
@@ -435,16 +327,17 @@ impl PgStore {
         &self,
         statement: &std::sync::Arc<str>,
         what: &str,
-        before: DateTime<Utc>,
+        older_than: Duration,
         limit: usize,
     ) -> Result<u64> {
         let mut left = u64::try_from(limit).unwrap_or(u64::MAX);
         let mut total = 0;
         while left > 0 {
             let chunk = left.min(PURGE_CHUNK);
+            // $1 age (µs), $2 limit.
             let deleted = sqlx::query(sql(statement))
-                .bind(before)
-                .bind(chunk as i64)
+                .bind(micros(older_than))
+                .bind(i64::try_from(chunk).unwrap_or(i64::MAX))
                 .execute(&self.inner.pool)
                 .await
                 .map_err(|e| db_error(what, e))?
@@ -524,11 +417,11 @@ impl Inbox for PgStore {
         PgStore::record(self, tx, consumer, id).await
     }
 
-    async fn purge_inbox(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+    async fn purge_inbox(&self, older_than: Duration, limit: usize) -> Result<u64> {
         self.purge_chunks(
             &self.inner.sql.purge_inbox,
             "purge the inbox",
-            before,
+            older_than,
             limit,
         )
         .await
@@ -540,7 +433,9 @@ impl Store for PgStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claim>> {
         let lease_micros = i64::try_from(request.lease.as_micros())
             .map_err(|_| Error::invalid("lease too long"))?;
-        let rows = sqlx::query(sql(&self.inner.sql.claim))
+        let strict = request.key_order == KeyOrder::Strict;
+        // $1 owner, $2 max partitions, $3 max messages, $4 lease (µs).
+        let rows = sqlx::query(sql(self.inner.sql.claim(strict)))
             .bind(&request.owner)
             .bind(clamp(request.max_partitions.max(1)))
             .bind(clamp(request.max_messages.max(1)))
@@ -594,7 +489,7 @@ impl Store for PgStore {
             .bind(tokens)
             .bind(f.ids)
             .bind(f.errors)
-            .bind(f.retry_at)
+            .bind(f.retry_after)
             .bind(f.counts);
         self.fenced("record failures", lease, query)
             .await
@@ -639,27 +534,32 @@ impl Store for PgStore {
             )
             .bind(f.ids)
             .bind(f.errors)
-            .bind(f.retry_at)
+            .bind(f.retry_after)
             .bind(f.counts);
         self.fenced("settle", lease, query).await.map(|_| ())
     }
 
-    async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        self.purge_chunks(&self.inner.sql.purge, "purge", before, limit)
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        self.purge_chunks(&self.inner.sql.purge, "purge", older_than, limit)
             .await
     }
 
     async fn stats(&self) -> Result<BacklogStats> {
-        let (pending, dead, published, oldest_pending): (i64, i64, i64, Option<DateTime<Utc>>) =
-            sqlx::query_as(sql(&self.inner.sql.stats))
-                .fetch_one(&self.inner.pool)
-                .await
-                .map_err(|e| db_error("stats", e))?;
+        let row = sqlx::query(sql(&self.inner.sql.stats))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("stats", e))?;
+        let get = |e| db_error("stats", e);
         Ok(BacklogStats {
-            pending: pending.max(0) as u64,
-            dead: dead.max(0) as u64,
-            published: published.max(0) as u64,
-            oldest_pending,
+            pending: count(row.try_get("pending").map_err(get)?),
+            dead: count(row.try_get("dead").map_err(get)?),
+            published: count(row.try_get("published").map_err(get)?),
+            oldest_pending: row.try_get("oldest_pending").map_err(get)?,
+            oldest_pending_age: row
+                .try_get::<Option<i64>, _>("oldest_age_us")
+                .map_err(get)?
+                .map(duration_us),
+            held_back: count(row.try_get("held_back").map_err(get)?),
         })
     }
 
@@ -693,6 +593,7 @@ impl DeadLetters for PgStore {
                 Ok(DeadLetter {
                     message: message_from_row(row)?,
                     dead_at: row.try_get("dead_at")?,
+                    held_back: count(row.try_get("held_back")?),
                 })
             })
             .collect::<std::result::Result<_, sqlx::Error>>()
@@ -720,5 +621,68 @@ impl DeadLetters for PgStore {
             .await
             .map_err(|e| db_error("delete dead letters", e))?;
         Ok(done.rows_affected())
+    }
+}
+
+#[async_trait]
+impl Inspect for PgStore {
+    async fn topic_stats(&self) -> Result<Vec<TopicStats>> {
+        let rows = sqlx::query(sql(&self.inner.sql.topic_stats))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("topic stats", e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(TopicStats {
+                    topic: r.try_get("topic")?,
+                    pending: count(r.try_get("pending")?),
+                    dead: count(r.try_get("dead")?),
+                    published: count(r.try_get("published")?),
+                    oldest_pending_age: r
+                        .try_get::<Option<i64>, _>("oldest_age_us")?
+                        .map(duration_us),
+                })
+            })
+            .collect::<std::result::Result<_, sqlx::Error>>()
+            .map_err(|e| db_error("topic stats", e))
+    }
+
+    async fn partitions(&self) -> Result<Vec<PartitionState>> {
+        let rows = sqlx::query(sql(&self.inner.sql.partitions))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("list partitions", e))?;
+        rows.iter()
+            .map(|r| {
+                let left = duration_us(r.try_get("lease_left_us")?);
+                let owner: Option<String> = r.try_get("owner")?;
+                let held = owner.is_some() && !left.is_zero();
+                Ok(PartitionState {
+                    partition: u32::try_from(r.try_get::<i32, _>("partition")?).unwrap_or(0),
+                    owner: owner.filter(|_| held),
+                    token: r.try_get("token")?,
+                    lease_until: if held {
+                        Some(r.try_get("lease_until")?)
+                    } else {
+                        None
+                    },
+                    lease_left: held.then_some(left),
+                    pending: count(r.try_get("pending")?),
+                })
+            })
+            .collect::<std::result::Result<_, sqlx::Error>>()
+            .map_err(|e| db_error("list partitions", e))
+    }
+
+    async fn clock(&self) -> Result<DateTime<Utc>> {
+        sqlx::query_scalar("SELECT now()")
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(|e| db_error("read the server's clock", e))
+    }
+
+    async fn check_schema(&self) -> Result<String> {
+        let inner = &self.inner;
+        crate::schema::check(&inner.pool, &inner.names, &inner.sql, inner.partitions).await
     }
 }

@@ -4,7 +4,7 @@
 //! the caller mid-call.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -273,8 +273,8 @@ impl<S: Store> Store for FaultyStore<S> {
             .await?;
         after(f, Op::Release, self.inner.release(lease).await)
     }
-    async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        self.inner.purge(before, limit).await
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        self.inner.purge(older_than, limit).await
     }
     async fn stats(&self) -> Result<BacklogStats> {
         self.inner.stats().await
@@ -284,12 +284,42 @@ impl<S: Store> Store for FaultyStore<S> {
     }
 }
 
-/// A broker that injects the faults of a [`FaultPlan`] and records confirmed publishes in a
-/// [`History`].
+/// A switch that takes a [`FaultyBroker`] down as a whole, as a broker outage would: while
+/// it is down every publish fails with [`Unavailable`](outbox_core::ErrorKind::Unavailable)
+/// without reaching the inner broker, and [`Broker::probe`] fails too. Cheap to clone; clones
+/// share the switch.
+#[derive(Debug, Clone, Default)]
+pub struct OutageSwitch {
+    down: Arc<AtomicBool>,
+    probes: Arc<AtomicU64>,
+}
+
+impl OutageSwitch {
+    /// A switch in the "up" position.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Take the broker down (`true`) or bring it back (`false`).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+    /// Whether the broker is down.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+    /// Probes answered so far (up or down).
+    pub fn probes(&self) -> u64 {
+        self.probes.load(Ordering::Relaxed)
+    }
+}
+
+/// A broker that injects the faults of a [`FaultPlan`] (and outages, with an
+/// [`OutageSwitch`]) and records confirmed publishes in a [`History`].
 pub struct FaultyBroker {
     inner: Arc<dyn Broker>,
     plan: FaultPlan,
     history: Option<Arc<History>>,
+    outage: OutageSwitch,
 }
 
 impl FaultyBroker {
@@ -299,7 +329,14 @@ impl FaultyBroker {
             inner,
             plan,
             history: None,
+            outage: OutageSwitch::new(),
         }
+    }
+
+    /// Go down and up with `switch`.
+    pub fn with_outage(mut self, switch: OutageSwitch) -> Self {
+        self.outage = switch;
+        self
     }
 
     /// Record every publish the inner broker confirmed (even when a fault then hides it).
@@ -311,7 +348,29 @@ impl FaultyBroker {
 
 #[async_trait]
 impl Broker for FaultyBroker {
+    async fn probe(&self) -> Result<()> {
+        self.outage.probes.fetch_add(1, Ordering::Relaxed);
+        if self.outage.is_down() {
+            return Err(Error::unavailable("injected outage: the broker is down"));
+        }
+        self.inner.probe().await
+    }
+
     async fn publish(&self, messages: &[Message]) -> Vec<Result<()>> {
+        if self.outage.is_down() {
+            if let Some(h) = &self.history {
+                for m in messages {
+                    h.record(Event::Fault {
+                        id: Some(m.id),
+                        what: "publish refused: the broker is down".into(),
+                    });
+                }
+            }
+            return messages
+                .iter()
+                .map(|_| Err(Error::unavailable("injected outage: connection refused")))
+                .collect();
+        }
         let fault = match self.plan.before(Op::Publish, None).await {
             Ok(f) => f,
             Err(e) => {

@@ -36,7 +36,7 @@ pub mod sqlite;
 pub mod suites;
 mod with_effects;
 
-pub use faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op};
+pub use faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op, OutageSwitch};
 pub use harness::{
     BrokerCapabilities, BrokerHarness, Effects, StoreCapabilities, StoreHarness, TestStore,
 };
@@ -75,7 +75,18 @@ macro_rules! for_each_store_scenario {
             concurrent_handlers_apply_a_message_once,
             commit_wakes_a_waiting_relay,
             delayed_message_waits_for_its_time,
-            stats_report_the_backlog
+            stats_report_the_backlog,
+            claims_return_messages_as_enqueued_in_sequence_order,
+            acks_are_fenced_idempotent_and_limited_to_the_lease,
+            settle_acks_fails_and_releases_in_one_fenced_call,
+            claims_rotate_over_partitions_least_recently_claimed_first,
+            failures_of_one_message_fold_in_order,
+            purge_is_bounded_and_keeps_pending_and_dead_messages,
+            inbox_records_wait_for_each_other_and_purge_by_age,
+            concurrent_writers_of_one_key_are_claimed_in_commit_order,
+            strict_key_order_holds_later_messages_behind_a_dead_letter,
+            concurrent_claims_lease_disjoint_partitions_covering_the_backlog,
+            stats_give_the_oldest_pending_age_by_the_store_clock
         ] }
     };
 }

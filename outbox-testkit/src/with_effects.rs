@@ -3,10 +3,12 @@
 //! store, instead of re-implementing every store trait by delegation.
 
 use async_trait::async_trait;
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    BacklogStats, Claim, ClaimRequest, DeadLetter, DeadLetters, Enqueue, Failure, Inbox, Lease,
-    MessageId, NewMessage, Result, Seen, Store, Transactional,
+    BacklogStats, Claim, ClaimRequest, DeadLetter, DeadLetters, Enqueue, Failure, Inbox, Inspect,
+    Lease, MessageId, NewMessage, PartitionState, Result, Seen, Store, TopicStats, Transactional,
 };
 use tokio::sync::watch;
 
@@ -64,8 +66,8 @@ impl<S: Inbox, E: Send + Sync + 'static> Inbox for WithEffects<S, E> {
     async fn record(&self, tx: &mut S::Tx, consumer: &str, id: MessageId) -> Result<Seen> {
         self.store.record(tx, consumer, id).await
     }
-    async fn purge_inbox(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        self.store.purge_inbox(before, limit).await
+    async fn purge_inbox(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        self.store.purge_inbox(older_than, limit).await
     }
 }
 
@@ -101,8 +103,8 @@ impl<S: Store, E: Send + Sync + 'static> Store for WithEffects<S, E> {
     ) -> Result<()> {
         self.store.settle(lease, published, failures).await
     }
-    async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        self.store.purge(before, limit).await
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        self.store.purge(older_than, limit).await
     }
     async fn stats(&self) -> Result<BacklogStats> {
         self.store.stats().await
@@ -125,5 +127,21 @@ impl<S: DeadLetters, E: Send + Sync + 'static> DeadLetters for WithEffects<S, E>
     }
     async fn delete_dead(&self, ids: &[MessageId]) -> Result<u64> {
         self.store.delete_dead(ids).await
+    }
+}
+
+#[async_trait]
+impl<S: Inspect, E: Send + Sync + 'static> Inspect for WithEffects<S, E> {
+    async fn topic_stats(&self) -> Result<Vec<TopicStats>> {
+        self.store.topic_stats().await
+    }
+    async fn partitions(&self) -> Result<Vec<PartitionState>> {
+        self.store.partitions().await
+    }
+    async fn clock(&self) -> Result<DateTime<Utc>> {
+        self.store.clock().await
+    }
+    async fn check_schema(&self) -> Result<String> {
+        self.store.check_schema().await
     }
 }

@@ -68,12 +68,7 @@ impl Broken {
     /// Defect 2 gave its lease back at claim time, so to settle at all it leases whatever is
     /// free at this moment (ignoring fencing, as such a store would).
     async fn grab(&self, owner: &str) -> Result<Option<Lease>> {
-        let request = ClaimRequest {
-            owner: owner.into(),
-            max_messages: usize::MAX,
-            max_partitions: usize::MAX,
-            lease: Duration::from_secs(30),
-        };
+        let request = ClaimRequest::new(owner, usize::MAX, usize::MAX, Duration::from_secs(30));
         Ok(self.inner.claim(&request).await?.map(|c| c.lease))
     }
 }
@@ -116,8 +111,8 @@ impl Inbox for Broken {
         self.inner.commit(own).await?;
         Ok(seen)
     }
-    async fn purge_inbox(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        self.inner.purge_inbox(before, limit).await
+    async fn purge_inbox(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        self.inner.purge_inbox(older_than, limit).await
     }
 }
 
@@ -227,10 +222,12 @@ impl Store for Broken {
                 {
                     let mut retries = self.retries();
                     for f in failures {
-                        let Some(at) = f.retry_at else {
+                        let Some(delay) = f.retry_after else {
                             dead.push(f.clone());
                             continue;
                         };
+                        let at =
+                            Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default();
                         let r = retries.entry(f.id).or_insert(Retry {
                             at,
                             attempts: 0,
@@ -250,8 +247,8 @@ impl Store for Broken {
     async fn release(&self, lease: &Lease) -> Result<()> {
         self.inner.release(lease).await
     }
-    async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
-        self.inner.purge(before, limit).await
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        self.inner.purge(older_than, limit).await
     }
     async fn stats(&self) -> Result<BacklogStats> {
         self.inner.stats().await

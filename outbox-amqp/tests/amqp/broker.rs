@@ -271,7 +271,7 @@ async fn per_key_order_holds_for_a_single_consumer() {
         d.ack().await.unwrap();
     }
     let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    running.await.unwrap();
     for (key, seen) in order {
         let expected: Vec<usize> = (0..per_key).collect();
         assert_eq!(seen, expected, "key {key} out of order");

@@ -248,7 +248,7 @@ async fn the_relay_publishes_everything_through_repeated_cuts_and_the_inbox_appl
             .expect("consumer finished")
             .unwrap();
     let _ = stop.send(());
-    let stats = running.await.unwrap().unwrap();
+    let stats = running.await.unwrap();
 
     // G1: every committed message arrived; nothing else did (no phantom).
     let got: HashSet<MessageId> = first_seen.iter().copied().collect();

@@ -1,5 +1,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -8,8 +10,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::{
     BacklogStats, Claim, ClaimRequest, DeadLetter, DeadLetters, Enqueue, Error, Failure, Inbox,
-    Lease, Limits, Message, MessageId, NewMessage, PartitionLease, Result, Seen, Store,
-    Transactional, partition_for,
+    Inspect, KeyOrder, Lease, Limits, Message, MessageId, NewMessage, PartitionLease,
+    PartitionState, Result, Seen, Store, TopicStats, Transactional, partition_for,
 };
 
 struct Row {
@@ -48,6 +50,9 @@ struct Shared {
     unlocked: Notify,
     partitions: u32,
     limits: Limits,
+    /// How far the store's clock runs ahead of the process's, in microseconds (tests of clock
+    /// skew between relays and their database).
+    clock_offset_micros: AtomicI64,
 }
 
 /// The in-memory reference store: outbox, inbox and a small transactional key-value area for
@@ -96,8 +101,28 @@ impl MemoryStore {
                 unlocked: Notify::new(),
                 partitions,
                 limits,
+                clock_offset_micros: AtomicI64::new(0),
             }),
         }
+    }
+
+    /// Make the store's clock run `ahead` of the process's clock (negative: behind), as a
+    /// database server's clock may differ from a relay host's. Leases, retry times, purge ages
+    /// and stats are all measured by the store's clock; the relay's clock plays no part. For
+    /// tests of clock skew.
+    pub fn set_clock_offset(&self, ahead: chrono::TimeDelta) {
+        self.shared
+            .clock_offset_micros
+            .store(ahead.num_microseconds().unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The store's clock: the process's clock plus the offset of
+    /// [`set_clock_offset`](Self::set_clock_offset).
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+            + chrono::TimeDelta::microseconds(
+                self.shared.clock_offset_micros.load(Ordering::Relaxed),
+            )
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -239,7 +264,7 @@ impl Transactional for MemoryStore {
     }
 
     async fn commit(&self, mut tx: MemoryTx) -> Result<()> {
-        let now = Utc::now();
+        let now = self.now();
         let added = !tx.staged.is_empty();
         {
             let mut st = self.lock();
@@ -308,7 +333,7 @@ impl Enqueue for MemoryStore {
         for m in messages {
             m.validate(&self.shared.limits)?;
         }
-        let now = Utc::now();
+        let now = self.now();
         Ok(messages
             .iter()
             .map(|m| {
@@ -347,7 +372,8 @@ impl Inbox for MemoryStore {
         }
     }
 
-    async fn purge_inbox(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+    async fn purge_inbox(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        let before = self.now() - delay_of(older_than);
         let mut st = self.lock();
         let old: Vec<_> = st
             .inbox
@@ -366,18 +392,26 @@ impl Inbox for MemoryStore {
 #[async_trait]
 impl Store for MemoryStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claim>> {
-        let now = Utc::now();
+        let now = self.now();
         let lease_len = chrono::Duration::from_std(request.lease)
             .map_err(|_| Error::invalid("lease too long"))?;
         let mut st = self.lock();
         // One pass in sequence order: per partition, the ready messages whose key has no
-        // earlier waiting (delayed or backing-off) message.
+        // earlier waiting (delayed or backing-off) message, nor, in strict order, an earlier
+        // dead letter.
+        let strict = request.key_order == KeyOrder::Strict;
         let mut waiting: HashSet<(u32, &str)> = HashSet::new();
         let mut ready: BTreeMap<u32, Vec<i64>> = BTreeMap::new();
-        for (seq, row) in st.rows.iter().filter(|(_, r)| r.pending()) {
+        for (seq, row) in st.rows.iter().filter(|(_, r)| r.published_at.is_none()) {
             let m = &row.message;
             let free = st.partitions[m.partition as usize].lease_until <= now;
             if !free {
+                continue;
+            }
+            if row.dead_at.is_some() {
+                if strict {
+                    waiting.insert((m.partition, m.key.as_str()));
+                }
                 continue;
             }
             if m.available_at > now {
@@ -425,7 +459,7 @@ impl Store for MemoryStore {
     }
 
     async fn ack(&self, lease: &Lease, ids: &[MessageId]) -> Result<()> {
-        let now = Utc::now();
+        let now = self.now();
         let mut st = self.lock();
         Self::check_lease(&st, lease, now)?;
         for id in ids {
@@ -439,7 +473,7 @@ impl Store for MemoryStore {
     }
 
     async fn fail(&self, lease: &Lease, failures: &[Failure]) -> Result<()> {
-        let now = Utc::now();
+        let now = self.now();
         let mut st = self.lock();
         Self::check_lease(&st, lease, now)?;
         for f in failures {
@@ -448,8 +482,8 @@ impl Store for MemoryStore {
             {
                 row.message.attempts = row.message.attempts.saturating_add(1);
                 row.message.last_error = Some(f.error.clone());
-                match f.retry_at {
-                    Some(at) => row.message.available_at = at,
+                match f.retry_after {
+                    Some(delay) => row.message.available_at = now + delay_of(delay),
                     None => row.dead_at = Some(now),
                 }
             }
@@ -458,7 +492,7 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        let now = Utc::now();
+        let now = self.now();
         let mut st = self.lock();
         for pl in &lease.partitions {
             if let Some(p) = st.partitions.get_mut(pl.partition as usize)
@@ -472,7 +506,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn purge(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+    async fn purge(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        let before = self.now() - delay_of(older_than);
         let mut st = self.lock();
         let old: Vec<i64> = st
             .rows
@@ -490,21 +525,29 @@ impl Store for MemoryStore {
     }
 
     async fn stats(&self) -> Result<BacklogStats> {
+        let now = self.now();
         let st = self.lock();
         let mut stats = BacklogStats::default();
+        let mut dead_keys: HashSet<(u32, &str)> = HashSet::new();
         for row in st.rows.values() {
+            let m = &row.message;
             if row.published_at.is_some() {
                 stats.published += 1;
             } else if row.dead_at.is_some() {
                 stats.dead += 1;
+                dead_keys.insert((m.partition, m.key.as_str()));
             } else {
                 stats.pending += 1;
-                let t = row.message.created_at;
+                if dead_keys.contains(&(m.partition, m.key.as_str())) {
+                    stats.held_back += 1;
+                }
+                let t = m.created_at;
                 if stats.oldest_pending.is_none_or(|o| t < o) {
                     stats.oldest_pending = Some(t);
                 }
             }
         }
+        stats.oldest_pending_age = stats.oldest_pending.map(|t| age(now, t));
         Ok(stats)
     }
 
@@ -517,24 +560,32 @@ impl Store for MemoryStore {
 impl DeadLetters for MemoryStore {
     async fn list_dead(&self, topic: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
         let st = self.lock();
-        Ok(st
+        let dead: Vec<(&Row, DateTime<Utc>)> = st
             .rows
             .values()
             .filter_map(|r| {
                 let dead_at = r.dead_at?;
-                (r.published_at.is_none() && topic.is_none_or(|t| t == r.message.topic)).then(
-                    || DeadLetter {
-                        message: r.message.clone(),
-                        dead_at,
-                    },
-                )
+                (r.published_at.is_none() && topic.is_none_or(|t| t == r.message.topic))
+                    .then_some((r, dead_at))
             })
             .take(limit)
+            .collect();
+        Ok(dead
+            .into_iter()
+            .map(|(r, dead_at)| DeadLetter {
+                message: r.message.clone(),
+                dead_at,
+                held_back: st
+                    .rows
+                    .range(r.message.seq + 1..)
+                    .filter(|(_, later)| later.pending() && later.message.key == r.message.key)
+                    .count() as u64,
+            })
             .collect())
     }
 
     async fn requeue(&self, ids: &[MessageId]) -> Result<u64> {
-        let now = Utc::now();
+        let now = self.now();
         let mut n = 0;
         {
             let mut st = self.lock();
@@ -584,4 +635,86 @@ impl DeadLetters for MemoryStore {
         }
         Ok(n)
     }
+}
+
+#[async_trait]
+impl Inspect for MemoryStore {
+    async fn topic_stats(&self) -> Result<Vec<TopicStats>> {
+        let now = self.now();
+        let st = self.lock();
+        let mut topics: BTreeMap<&str, TopicStats> = BTreeMap::new();
+        let mut oldest: HashMap<&str, DateTime<Utc>> = HashMap::new();
+        for row in st.rows.values() {
+            let m = &row.message;
+            let t = topics
+                .entry(m.topic.as_str())
+                .or_insert_with(|| TopicStats {
+                    topic: m.topic.clone(),
+                    ..TopicStats::default()
+                });
+            if row.published_at.is_some() {
+                t.published += 1;
+            } else if row.dead_at.is_some() {
+                t.dead += 1;
+            } else {
+                t.pending += 1;
+                let o = oldest.entry(m.topic.as_str()).or_insert(m.created_at);
+                *o = (*o).min(m.created_at);
+            }
+        }
+        Ok(topics
+            .into_iter()
+            .map(|(name, mut t)| {
+                t.oldest_pending_age = oldest.get(name).map(|o| age(now, *o));
+                t
+            })
+            .collect())
+    }
+
+    async fn partitions(&self) -> Result<Vec<PartitionState>> {
+        let now = self.now();
+        let st = self.lock();
+        let mut pending: HashMap<u32, u64> = HashMap::new();
+        for row in st.rows.values().filter(|r| r.pending()) {
+            *pending.entry(row.message.partition).or_default() += 1;
+        }
+        Ok(st
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let partition = u32::try_from(i).unwrap_or(u32::MAX);
+                let held = p.owner.is_some() && p.lease_until > now;
+                PartitionState {
+                    partition,
+                    owner: if held { p.owner.clone() } else { None },
+                    token: p.token,
+                    lease_until: held.then_some(p.lease_until),
+                    lease_left: held.then(|| age(p.lease_until, now)),
+                    pending: pending.get(&partition).copied().unwrap_or(0),
+                }
+            })
+            .collect())
+    }
+
+    async fn clock(&self) -> Result<DateTime<Utc>> {
+        Ok(self.now())
+    }
+
+    async fn check_schema(&self) -> Result<String> {
+        Ok(format!(
+            "in-memory store, {} partitions",
+            self.shared.partitions
+        ))
+    }
+}
+
+/// A std duration as a chrono one, saturating (a delay of centuries is "never").
+fn delay_of(d: Duration) -> chrono::TimeDelta {
+    chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX / 2)
+}
+
+/// `later - earlier` as a std duration, zero if negative.
+fn age(later: DateTime<Utc>, earlier: DateTime<Utc>) -> Duration {
+    (later - earlier).to_std().unwrap_or_default()
 }

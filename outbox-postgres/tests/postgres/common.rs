@@ -74,10 +74,5 @@ pub(crate) fn msg(topic: &str, key: &str, body: &str) -> NewMessage {
 
 /// A claim request.
 pub(crate) fn req(owner: &str, max_messages: usize, lease: Duration) -> ClaimRequest {
-    ClaimRequest {
-        owner: owner.to_string(),
-        max_messages,
-        max_partitions: 64,
-        lease,
-    }
+    ClaimRequest::new(owner, max_messages, 64, lease)
 }

@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod e2e;
 pub mod store;
+pub mod store_rules;
 
 pub(crate) mod util;
 

@@ -20,6 +20,8 @@ use crate::faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op};
 use crate::harness::{Effects, StoreHarness};
 use crate::history::{CheckOptions, Event, Guarantee, History, Violation};
 
+pub use super::store_rules::*;
+
 type Outcome = Result<(), Violation>;
 
 const PARTITIONS: u32 = 16;
@@ -38,12 +40,7 @@ async fn claim<S: Store + ?Sized>(
     lease: Duration,
 ) -> Result<Option<Claim>, Violation> {
     store
-        .claim(&ClaimRequest {
-            owner: owner.into(),
-            max_messages: 1000,
-            max_partitions: 1024,
-            lease,
-        })
+        .claim(&ClaimRequest::new(owner, 1000, 1024, lease))
         .await
         .ctx("claim")
 }
@@ -213,12 +210,12 @@ pub async fn claims_are_exclusive_under_concurrent_relays<H: StoreHarness>(h: &H
             let mut got = Vec::new();
             loop {
                 match s
-                    .claim(&ClaimRequest {
-                        owner: format!("r{r}"),
-                        max_messages: 7,
-                        max_partitions: 2,
-                        lease: Duration::from_secs(30),
-                    })
+                    .claim(&ClaimRequest::new(
+                        format!("r{r}"),
+                        7,
+                        2,
+                        Duration::from_secs(30),
+                    ))
                     .await
                 {
                     Ok(Some(c)) => {
@@ -345,7 +342,7 @@ pub async fn ack_with_an_expired_lease_is_rejected<H: StoreHarness>(h: &H) -> Ou
             &[Failure {
                 id: ids[0],
                 error: "late".into(),
-                retry_at: None,
+                retry_after: None,
             }],
         )
         .await;
@@ -379,7 +376,7 @@ pub async fn failed_message_blocks_only_its_own_key<H: StoreHarness>(h: &H) -> O
             &[Failure {
                 id: a[0],
                 error: "broker down".into(),
-                retry_at: Some(Utc::now() + chrono::Duration::hours(1)),
+                retry_after: Some(Duration::from_secs(3600)),
             }],
         )
         .await
@@ -417,7 +414,7 @@ pub async fn retry_time_and_attempts_persist_across_relay_restarts<H: StoreHarne
             &[Failure {
                 id: ids[0],
                 error: "boom: broker unavailable".into(),
-                retry_at: Some(Utc::now() + chrono::Duration::milliseconds(800)),
+                retry_after: Some(Duration::from_millis(800)),
             }],
         )
         .await
@@ -582,20 +579,22 @@ pub async fn purge_keeps_unpublished_dead_and_recent_rows<H: StoreHarness>(h: &H
             &[Failure {
                 id: ids[2],
                 error: "x".into(),
-                retry_at: None,
+                retry_after: None,
             }],
         )
         .await
         .ctx("fail")?;
     store.release(&c.lease).await.ctx("release")?;
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let cutoff = Utc::now();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let recent = write(&store, &hist, &[msg(&t, "recent", 0)], true).await?;
     let c = claim_some(&store, "r", Duration::from_secs(30)).await?;
     store.ack(&c.lease, &recent).await.ctx("ack")?;
     store.release(&c.lease).await.ctx("release")?;
-    let purged = store.purge(cutoff, 100).await.ctx("purge")?;
+    // The old row was published 400 ms ago, the recent one just now (by the store's clock).
+    let purged = store
+        .purge(Duration::from_millis(200), 100)
+        .await
+        .ctx("purge")?;
     let stats = store.stats().await.ctx("stats")?;
     ensure(
         purged == 1 && stats.pending == 1 && stats.dead == 1 && stats.published == 1,
@@ -625,7 +624,7 @@ pub async fn dead_letters_can_be_listed_requeued_and_deleted<H: StoreHarness>(h:
         .map(|id| Failure {
             id: *id,
             error: "rejected".into(),
-            retry_at: None,
+            retry_after: None,
         })
         .collect();
     store.fail(&c.lease, &failures).await.ctx("fail")?;
