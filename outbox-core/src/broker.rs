@@ -23,6 +23,87 @@ pub trait Broker: Send + Sync + 'static {
     async fn probe(&self) -> Result<()> {
         Ok(())
     }
+
+    /// What the broker can tell, without publishing, about where messages of `topic` would
+    /// go (for `outbox doctor`). The default cannot tell: [`Route::Unknown`].
+    async fn check_route(&self, topic: &str) -> Result<Route> {
+        let _ = topic;
+        Ok(Route::Unknown(
+            "this broker cannot check a route without publishing".into(),
+        ))
+    }
+}
+
+/// Whether messages of a topic can be delivered somewhere, as far as the broker can tell
+/// without publishing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// The destination exists (a Kafka topic; a RabbitMQ queue, or an exchange with a bound
+    /// queue where that can be checked).
+    Routable(String),
+    /// It does not (no such topic, exchange or queue); the text says what is missing.
+    Unroutable(String),
+    /// The broker cannot tell without publishing; the text says what it could check.
+    Unknown(String),
+}
+
+/// What a broker does with a message it has nowhere to deliver: RabbitMQ returns a
+/// `mandatory` message no queue is bound for (or the exchange does not exist); Kafka refuses a
+/// topic that does not exist.
+///
+/// The default is [`Retry`](UnroutablePolicy::Retry): at deploy time producers often start
+/// before consumers bind their queues or topics are created, and retrying on the relay's
+/// backoff bridges that window without losing anything or needing an operator; a destination
+/// that never appears ends dead-lettered after the retry schedule, visible and requeueable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum UnroutablePolicy {
+    /// A permanent error: the relay dead-letters the message at its first attempt.
+    DeadLetter,
+    /// A transient error: retried on the relay's backoff, dead-lettered after its
+    /// `max_attempts`.
+    #[default]
+    Retry,
+    /// Success: the message counts as published and is dropped by the broker. For pure
+    /// pub/sub topics where "nobody listens" is normal. Counted in
+    /// `outbox_unroutable_total` and logged.
+    Accept,
+}
+
+impl std::str::FromStr for UnroutablePolicy {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "dead-letter" | "deadletter" => Ok(UnroutablePolicy::DeadLetter),
+            "retry" => Ok(UnroutablePolicy::Retry),
+            "accept" => Ok(UnroutablePolicy::Accept),
+            other => Err(crate::Error::config(format!(
+                "unknown unroutable policy {other:?}: use dead-letter, retry or accept"
+            ))),
+        }
+    }
+}
+
+impl UnroutablePolicy {
+    /// The outcome of a message of `topic` that had nowhere to go (`why`), under this
+    /// policy: the error to report, or `Ok` (accepted: counted and logged).
+    pub fn outcome(self, topic: &str, why: &str) -> Result<()> {
+        match self {
+            UnroutablePolicy::DeadLetter => {
+                Err(crate::Error::permanent(format!("unroutable: {why}")))
+            }
+            UnroutablePolicy::Retry => Err(crate::Error::transient(format!("unroutable: {why}"))),
+            UnroutablePolicy::Accept => {
+                metrics::counter!("outbox_unroutable_total", "topic" => topic.to_string())
+                    .increment(1);
+                tracing::info!(
+                    topic,
+                    why,
+                    "unroutable message accepted (unroutable policy: accept)"
+                );
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A message as a consumer receives it.
@@ -67,6 +148,23 @@ pub trait Delivery: Send {
     async fn ack(self: Box<Self>) -> Result<()>;
     /// Not done: deliver again (`requeue`) or drop it (a broker dead-letter exchange may get it).
     async fn nack(self: Box<Self>, requeue: bool) -> Result<()>;
+
+    /// Give up on it for good because of `reason` (the handler kept failing): route it to the
+    /// broker's dead-letter destination with the reason where the broker can carry it, and do
+    /// not deliver it again. The default is [`nack`](Delivery::nack) without requeue (a
+    /// RabbitMQ queue's dead-letter exchange receives it, with RabbitMQ's `x-death` header).
+    async fn reject(self: Box<Self>, reason: &str) -> Result<()> {
+        let _ = reason;
+        self.nack(false).await
+    }
+
+    /// Whether the channel or partition assignment this delivery came from is gone: it can no
+    /// longer be settled, and the broker delivers it again (to this consumer or another).
+    /// A consumer skips such a delivery instead of running its handler for nothing. The
+    /// default: never stale.
+    fn is_stale(&self) -> bool {
+        false
+    }
 }
 
 /// A stream of deliveries from a broker.

@@ -82,7 +82,12 @@ where
             return Err(nack_after(delivery, e).await);
         }
     }
-    if let Err(e) = handler(&mut tx, delivery.message()).await {
+    let handled = crate::trace::instrument_handler(
+        handler(&mut tx, delivery.message()),
+        consumer,
+        delivery.message(),
+    );
+    if let Err(e) = handled.await {
         let _ = inbox.rollback(tx).await;
         let err =
             Error::new(ErrorKind::Transient, format!("handler for {id} failed")).with_source(e);

@@ -6,6 +6,7 @@
 //! workspace README for the guarantees (G1–G7) every implementation keeps.
 
 mod broker;
+mod consumer;
 mod error;
 mod inbox;
 pub mod memory;
@@ -13,8 +14,14 @@ mod message;
 mod relay;
 mod retry;
 mod store;
+pub mod trace;
+mod url;
 
-pub use broker::{Broker, Delivery, Received, Subscriber};
+pub use broker::{Broker, Delivery, Received, Route, Subscriber, UnroutablePolicy};
+pub use consumer::{
+    Consumer, ConsumerBuilder, ConsumerConfig, ConsumerStats, FnHandler, Handler, HandlerError,
+    HandlerFuture, handler_fn,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use inbox::{Handled, Inbox, Seen, handle};
 pub use message::{
@@ -28,8 +35,9 @@ pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig, RelayStats};
 /// how much one purge deletes. [`RelayConfig`] sets the lengths they are shares of.
 pub mod timing {
     pub use crate::relay::{
-        CLAIM_AHEAD_MAX_WAIT, ERROR_BACKOFF_INITIAL, ERROR_BACKOFF_POLLS, OUTAGE_PROBE_INITIAL,
-        OUTAGE_PROBE_MAX, OUTAGE_PROBE_TIMEOUT, PUBLISH_SHARE_OF_LEASE, PURGE_CHUNK,
+        CLAIM_AHEAD_MAX_WAIT, ERROR_BACKOFF_INITIAL, ERROR_BACKOFF_POLLS,
+        ISOLATED_PUBLISH_SHARE_OF_LEASE, OUTAGE_PROBE_INITIAL, OUTAGE_PROBE_MAX,
+        OUTAGE_PROBE_TIMEOUT, PUBLISH_CALL_SHARE_OF_LEASE, PUBLISH_SHARE_OF_LEASE, PURGE_CHUNK,
         SETTLE_RETRIES, SETTLE_RETRY_INITIAL,
     };
 }
@@ -38,6 +46,7 @@ pub use store::{
     BacklogStats, Claim, ClaimRequest, DeadLetters, Enqueue, Failure, Inspect, KeyOrder, Lease,
     PartitionLease, PartitionState, Store, TopicStats, Transactional,
 };
+pub use url::redact_url;
 
 /// The most key partitions a store accepts. Every store's builder refuses more with
 /// [`ErrorKind::InvalidInput`].

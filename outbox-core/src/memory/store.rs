@@ -324,6 +324,8 @@ impl Transactional for MemoryStore {
 #[async_trait]
 impl Enqueue for MemoryStore {
     async fn enqueue(&self, tx: &mut MemoryTx, messages: &[NewMessage]) -> Result<Vec<MessageId>> {
+        // Feature `otel`: the current span's trace context travels as headers.
+        let messages: &[NewMessage] = &crate::trace::with_current_context(messages);
         if !Arc::ptr_eq(&tx.store.shared, &self.shared) {
             return Err(Error::new(
                 crate::ErrorKind::NotInTransaction,

@@ -11,9 +11,20 @@ use rand::SeedableRng;
 use tracing::{debug, info_span, warn};
 
 use super::health::{StoreCall, is_unavailable};
-use super::{BatchReport, PUBLISH_SHARE_OF_LEASE, Relay, SETTLE_RETRIES, SETTLE_RETRY_INITIAL};
+use super::{
+    BatchReport, ISOLATED_PUBLISH_SHARE_OF_LEASE, PUBLISH_CALL_SHARE_OF_LEASE,
+    PUBLISH_SHARE_OF_LEASE, Relay, SETTLE_RETRIES, SETTLE_RETRY_INITIAL,
+};
 use crate::retry::RetryDecision;
 use crate::{Claim, ClaimRequest, Error, ErrorKind, Failure, Message, MessageId, Result};
+
+/// The error of a message whose broker call was abandoned.
+fn abandoned_error() -> Error {
+    Error::transient(
+        "the broker did not confirm within the relay's deadline (the call was abandoned; \
+         retried on the backoff)",
+    )
+}
 
 /// A claimed batch on its way through a worker.
 pub(super) struct Batch {
@@ -104,7 +115,7 @@ impl Relay {
             if sending.is_empty() {
                 continue;
             }
-            if out.unavailable.is_some() || out.timed_out {
+            if out.unavailable.is_some() {
                 break;
             }
             if Instant::now() >= deadline {
@@ -114,6 +125,12 @@ impl Relay {
             let (outcomes, timed_out) = self.publish_wave(claim, &sending, deadline).await;
             out.timed_out |= timed_out;
             for (message, outcome) in sending.iter().zip(outcomes) {
+                // No outcome: not attempted (the window ran out while isolating a hung call);
+                // it waits for the next claim, with its key blocked for this batch.
+                let Some(outcome) = outcome else {
+                    blocked.insert(message.key.as_str());
+                    continue;
+                };
                 if outcome.is_err() {
                     blocked.insert(message.key.as_str());
                 }
@@ -127,16 +144,24 @@ impl Relay {
         out
     }
 
-    /// One broker call for `sending`, bounded by `deadline`: one outcome per message, and
-    /// whether the call was abandoned. A call still running at the deadline is abandoned and
-    /// every message of it fails as a transient timeout (an attempt is counted, the retry
-    /// policy spaces the next), so a hung broker call never holds a worker for longer.
+    /// Publish `sending` (one wave), within the batch's publishing window (`deadline`): one
+    /// outcome per message (`None`: not attempted), and whether a call had to be abandoned.
+    ///
+    /// One broker call carries the whole wave, bounded by [`PUBLISH_CALL_SHARE_OF_LEASE`] of
+    /// the lease. A call that does not return by then is abandoned; if it carried several
+    /// messages, each is published again alone, bounded by [`ISOLATED_PUBLISH_SHARE_OF_LEASE`],
+    /// so that only the message the broker does not answer fails (with an attempt counted and
+    /// the retry policy's backoff) and the rest go out. A hung broker call never holds a worker
+    /// past the window.
     async fn publish_wave(
         &self,
         claim: &Claim,
         sending: &[&Message],
         deadline: Instant,
-    ) -> (Vec<Result<()>>, bool) {
+    ) -> (Vec<Option<Result<()>>>, bool) {
+        let lease = self.inner.config.lease;
+        let call_deadline =
+            deadline.min(Instant::now() + lease.mul_f64(PUBLISH_CALL_SHARE_OF_LEASE));
         // Waves keep claim order, so a wave as long as the claim is the claim itself (the
         // usual case: one message per key): publish it without copying.
         let owned: Vec<Message>;
@@ -146,33 +171,61 @@ impl Relay {
             owned = sending.iter().map(|m| (*m).clone()).collect();
             &owned
         };
-        let publish = self.inner.broker.publish(to_publish);
-        let mut outcomes = match tokio::time::timeout_at(deadline.into(), publish).await {
-            Ok(outcomes) => outcomes,
-            Err(_) => {
-                self.inner
-                    .counters
-                    .publish_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                counter!("outbox_publish_timeouts_total").increment(1);
-                warn!(
-                    messages = sending.len(),
-                    "a publish did not complete within the \
-                          lease's publishing window; abandoned, to be retried"
-                );
-                let e = Error::transient(
-                    "the broker did not confirm within the lease's publishing window \
-                         (publish abandoned)",
-                );
-                return (sending.iter().map(|_| Err(e.duplicate())).collect(), true);
+        if let Some(outcomes) = self.bounded_publish(to_publish, call_deadline).await {
+            return (outcomes.into_iter().map(Some).collect(), false);
+        }
+        self.abandoned(sending.len());
+        if sending.len() == 1 {
+            return (vec![Some(Err(abandoned_error()))], true);
+        }
+        let mut outcomes = Vec::with_capacity(sending.len());
+        for message in sending {
+            let now = Instant::now();
+            if now >= deadline {
+                outcomes.push(None);
+                continue;
             }
-        };
-        outcomes.resize_with(sending.len(), || {
+            let alone = deadline.min(now + lease.mul_f64(ISOLATED_PUBLISH_SHARE_OF_LEASE));
+            let outcome = match self
+                .bounded_publish(std::slice::from_ref(*message), alone)
+                .await
+            {
+                Some(mut one) => one.pop().unwrap_or_else(|| Err(abandoned_error())),
+                None => {
+                    self.abandoned(1);
+                    Err(abandoned_error())
+                }
+            };
+            outcomes.push(Some(outcome));
+        }
+        (outcomes, true)
+    }
+
+    /// One broker call, abandoned at `deadline` (`None`). Missing outcomes fail as transient.
+    async fn bounded_publish(
+        &self,
+        messages: &[Message],
+        deadline: Instant,
+    ) -> Option<Vec<Result<()>>> {
+        let publish = self.inner.broker.publish(messages);
+        let mut outcomes = tokio::time::timeout_at(deadline.into(), publish)
+            .await
+            .ok()?;
+        outcomes.resize_with(messages.len(), || {
             Err(Error::transient(
                 "the broker returned fewer outcomes than messages",
             ))
         });
-        (outcomes, false)
+        Some(outcomes)
+    }
+
+    fn abandoned(&self, messages: usize) {
+        self.inner
+            .counters
+            .publish_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        counter!("outbox_publish_timeouts_total").increment(1);
+        warn!(messages, "a broker call did not return in time; abandoned");
     }
 
     /// Sort one message's outcome into `out`: published, a failure to record (with the retry

@@ -25,6 +25,14 @@ use crate::{Broker, Error, Failure, KeyOrder, MessageId, Result, RetryPolicy, St
 /// broker call still running then is abandoned (its messages fail with a transient error).
 pub const PUBLISH_SHARE_OF_LEASE: f64 = 0.8;
 
+/// One broker call (a wave of a batch) must return within this share of the lease; a call
+/// still running then is abandoned and its messages are published again one by one, so that
+/// only the one the broker does not answer fails.
+pub const PUBLISH_CALL_SHARE_OF_LEASE: f64 = 0.4;
+
+/// The bound of each single-message call that isolates a message in an abandoned call.
+pub const ISOLATED_PUBLISH_SHARE_OF_LEASE: f64 = 0.05;
+
 /// A batch claimed ahead (while the previous one published) is given back unpublished if it
 /// waited longer than this share of its lease: its publishes could outlive the lease.
 pub const CLAIM_AHEAD_MAX_WAIT: f64 = 0.25;
