@@ -6,17 +6,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::PublisherConfirm;
 use lapin::message::BasicReturnMessage;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
-use outbox_core::{Broker, Error, Message, Result};
+use outbox_core::{Broker, Error, Message, Result, Route, UnroutablePolicy};
 use tokio::time::{Instant, timeout_at};
 use tracing::{debug, warn};
 
 use crate::codec;
 use crate::connect;
-use crate::error::{duplicate, from_lapin, is_not_found, redact, transient};
+use crate::error::{duplicate, from_lapin, is_not_found, publish_failure, redact};
 use crate::routing::Routing;
 use crate::topology::Topology;
 
@@ -30,6 +35,7 @@ pub struct AmqpBrokerBuilder {
     connection_name: String,
     check_exchanges: bool,
     max_message_bytes: usize,
+    unroutable: UnroutablePolicy,
 }
 
 impl std::fmt::Debug for AmqpBrokerBuilder {
@@ -42,6 +48,7 @@ impl std::fmt::Debug for AmqpBrokerBuilder {
             .field("connection_name", &self.connection_name)
             .field("check_exchanges", &self.check_exchanges)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("unroutable", &self.unroutable)
             .finish()
     }
 }
@@ -97,6 +104,16 @@ impl AmqpBrokerBuilder {
         self
     }
 
+    /// What happens to a message no queue is bound for (`basic.return` of a `mandatory`
+    /// publish) or whose exchange does not exist (default [`UnroutablePolicy::Retry`]: retried
+    /// on the relay's backoff, then dead-lettered; see [`UnroutablePolicy`] for why).
+    /// [`Accept`](UnroutablePolicy::Accept) suits pure pub/sub topics that may have no
+    /// subscriber: the message counts as published and `outbox_unroutable_total` counts it.
+    pub fn unroutable(mut self, policy: UnroutablePolicy) -> Self {
+        self.unroutable = policy;
+        self
+    }
+
     /// Build the broker without connecting: the first publish connects. Only the URL is
     /// checked here.
     pub fn build(self) -> Result<AmqpBroker> {
@@ -130,10 +147,12 @@ impl AmqpBrokerBuilder {
 ///   the enqueue time; user headers travel in the headers table as long strings, beside
 ///   `outbox-topic` and `outbox-key`; a `content-type` header also sets `content_type`.
 /// - Every publish is `mandatory`: a message no queue is bound for comes back
-///   (`basic.return`) and its outcome is a [`Permanent`] error (`unroutable: ...`), as is a
-///   message for an exchange that does not exist, or one over
-///   [`max_message_bytes`](AmqpBrokerBuilder::max_message_bytes). A broker nack, a lost connection or channel,
-///   and a missing confirm are [`Transient`].
+///   (`basic.return`); it, and a message for an exchange that does not exist, are handled by
+///   the [`UnroutablePolicy`] (default: retried, then dead-lettered). A message over
+///   [`max_message_bytes`](AmqpBrokerBuilder::max_message_bytes) is a [`Permanent`] error. A
+///   broker nack, a closed channel and a missing confirm are [`Transient`]; a refused or lost
+///   connection is [`Unavailable`] (the relay waits for the broker without counting
+///   attempts).
 /// - After a connection failure the next publish opens a new connection and channel.
 ///   Concurrent publishes (the relay's `concurrency`) each use their own channel of one
 ///   connection, and outcomes come back in message order.
@@ -142,6 +161,7 @@ impl AmqpBrokerBuilder {
 ///
 /// [`Permanent`]: outbox_core::ErrorKind::Permanent
 /// [`Transient`]: outbox_core::ErrorKind::Transient
+/// [`Unavailable`]: outbox_core::ErrorKind::Unavailable
 #[derive(Clone)]
 pub struct AmqpBroker {
     shared: Arc<Shared>,
@@ -169,6 +189,7 @@ impl AmqpBroker {
             connection_name: "outbox-relay".to_string(),
             check_exchanges: true,
             max_message_bytes: 16 * 1024 * 1024,
+            unroutable: UnroutablePolicy::default(),
         }
     }
 
@@ -295,6 +316,15 @@ impl Shared {
         }
     }
 
+    /// Forget the current connection, whatever it is (see [`invalidate`](Self::invalidate)).
+    async fn invalidate_current(&self, reason: &str) {
+        // Take the link out of the guard first: `invalidate` locks the slot again.
+        let current = self.link.lock().await.clone();
+        if let Some(link) = current {
+            self.invalidate(&link, reason).await;
+        }
+    }
+
     /// An idle confirm-mode channel of `link`, or a new one.
     async fn channel(&self, link: &Link) -> std::result::Result<Channel, lapin::Error> {
         loop {
@@ -372,6 +402,40 @@ struct Outgoing<'a> {
     properties: BasicProperties,
 }
 
+/// One outcome per message, filled in as the publish learns them.
+struct Outcomes(Vec<Option<Result<()>>>);
+
+impl Outcomes {
+    fn new(n: usize) -> Self {
+        Outcomes((0..n).map(|_| None).collect())
+    }
+
+    fn set(&mut self, index: usize, outcome: Result<()>) {
+        self.0[index] = Some(outcome);
+    }
+
+    /// Every message without an outcome yet fails with `error`.
+    fn fail_rest(&mut self, error: &Error) {
+        for outcome in self.0.iter_mut().filter(|o| o.is_none()) {
+            *outcome = Some(Err(duplicate(error)));
+        }
+    }
+
+    fn finish(self) -> Vec<Result<()>> {
+        self.0
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(Error::transient("not published"))))
+            .collect()
+    }
+}
+
+/// What went wrong with a whole batch before its messages could be sent.
+struct BatchFailure {
+    error: Error,
+    /// The connection is in an unknown state: replace it.
+    replace: bool,
+}
+
 fn exchange_label(exchange: &str) -> String {
     if exchange.is_empty() {
         "(the default exchange)".to_string()
@@ -380,39 +444,22 @@ fn exchange_label(exchange: &str) -> String {
     }
 }
 
-fn fill(outcomes: &mut [Option<Result<()>>], error: &Error) {
-    for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
-        *outcome = Some(Err(duplicate(error)));
-    }
-}
-
-fn finish(outcomes: Vec<Option<Result<()>>>) -> Vec<Result<()>> {
-    outcomes
-        .into_iter()
-        .map(|o| o.unwrap_or_else(|| Err(Error::transient("not published"))))
-        .collect()
-}
-
-#[async_trait]
-impl Broker for AmqpBroker {
-    async fn publish(&self, messages: &[Message]) -> Vec<Result<()>> {
-        let shared = &self.shared;
-        let config = &shared.config;
-        let mut outcomes: Vec<Option<Result<()>>> = messages.iter().map(|_| None).collect();
-        if messages.is_empty() {
-            return Vec::new();
-        }
-        let deadline = Instant::now() + config.publish_timeout;
-
-        // Route and encode. A message too large, or a name AMQP cannot carry, fails alone.
+impl AmqpBroker {
+    /// Route and encode: a message too large, or a name AMQP cannot carry, fails alone.
+    fn prepare<'a>(&self, messages: &'a [Message], outcomes: &mut Outcomes) -> Vec<Outgoing<'a>> {
+        let config = &self.shared.config;
         let mut outgoing = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
             if message.payload.len() > config.max_message_bytes {
-                outcomes[index] = Some(Err(Error::permanent(format!(
-                    "message of {} bytes is over the broker's limit of {} bytes (max_message_bytes)",
-                    message.payload.len(),
-                    config.max_message_bytes
-                ))));
+                outcomes.set(
+                    index,
+                    Err(Error::permanent(format!(
+                        "message of {} bytes is over the broker's limit of {} bytes \
+                         (max_message_bytes)",
+                        message.payload.len(),
+                        config.max_message_bytes
+                    ))),
+                );
                 continue;
             }
             let dest = config.routing.route(message);
@@ -420,11 +467,15 @@ impl Broker for AmqpBroker {
                 ShortString::try_new(dest.exchange.as_str()),
                 ShortString::try_new(dest.routing_key.as_str()),
             ) else {
-                outcomes[index] = Some(Err(Error::permanent(format!(
-                    "unroutable: the exchange name ({} bytes) or routing key ({} bytes) is over AMQP's 255-byte limit",
-                    dest.exchange.len(),
-                    dest.routing_key.len()
-                ))));
+                outcomes.set(
+                    index,
+                    Err(Error::permanent(format!(
+                        "unroutable: the exchange name ({} bytes) or routing key ({} bytes) is \
+                         over AMQP's 255-byte limit",
+                        dest.exchange.len(),
+                        dest.routing_key.len()
+                    ))),
+                );
                 continue;
             };
             outgoing.push(Outgoing {
@@ -435,211 +486,341 @@ impl Broker for AmqpBroker {
                 properties: codec::properties(message),
             });
         }
+        outgoing
+    }
 
-        let link = match timeout_at(deadline, shared.link()).await {
-            Ok(Ok(link)) => link,
-            Ok(Err(e)) => {
-                let e = Error::transient(format!("AMQP connection failed: {e}"));
-                fill(&mut outcomes, &e);
-                return finish(outcomes);
-            }
-            Err(_) => {
-                fill(&mut outcomes, &Error::transient("connecting timed out"));
-                return finish(outcomes);
-            }
-        };
-
-        if config.check_exchanges {
+    /// Connect (if need be), check the exchanges and open a confirm channel. Messages whose
+    /// exchange does not exist get the unroutable policy's outcome and are dropped from
+    /// `outgoing`.
+    async fn ready(
+        &self,
+        outgoing: &mut Vec<Outgoing<'_>>,
+        outcomes: &mut Outcomes,
+    ) -> std::result::Result<(Arc<Link>, Channel), BatchFailure> {
+        let shared = &self.shared;
+        let link = shared.link().await.map_err(|e| BatchFailure {
+            error: Error::unavailable(format!("AMQP connection failed: {e}")),
+            replace: false,
+        })?;
+        if shared.config.check_exchanges {
             let wanted: HashSet<String> = outgoing.iter().map(|o| o.exchange.to_string()).collect();
-            match timeout_at(deadline, shared.missing_exchanges(&link, wanted)).await {
-                Ok(Ok(missing)) if !missing.is_empty() => {
-                    outgoing.retain(|o| {
-                        if missing.contains(o.exchange.as_str()) {
-                            outcomes[o.index] = Some(Err(Error::permanent(format!(
-                                "unroutable: exchange {:?} does not exist",
-                                o.exchange.as_str()
-                            ))));
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    let e = transient("checking exchanges failed", e);
-                    if !link.healthy() {
-                        shared.invalidate(&link, "exchange check failed").await;
-                    }
-                    fill(&mut outcomes, &e);
-                    return finish(outcomes);
-                }
-                Err(_) => {
-                    shared.invalidate(&link, "exchange check timed out").await;
-                    fill(
-                        &mut outcomes,
-                        &Error::transient("checking exchanges timed out"),
-                    );
-                    return finish(outcomes);
-                }
-            }
-        }
-        if outgoing.is_empty() {
-            return finish(outcomes);
-        }
-
-        let channel = match timeout_at(deadline, shared.channel(&link)).await {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => {
-                if !link.healthy() {
-                    shared.invalidate(&link, "opening a channel failed").await;
-                }
-                fill(
-                    &mut outcomes,
-                    &transient("opening a confirm channel failed", e),
-                );
-                return finish(outcomes);
-            }
-            Err(_) => {
+            let missing =
                 shared
-                    .invalidate(&link, "opening a channel timed out")
-                    .await;
-                fill(
-                    &mut outcomes,
-                    &Error::transient("opening a channel timed out"),
-                );
-                return finish(outcomes);
-            }
-        };
+                    .missing_exchanges(&link, wanted)
+                    .await
+                    .map_err(|e| BatchFailure {
+                        error: publish_failure("checking exchanges failed", e, link.healthy()),
+                        replace: !link.healthy(),
+                    })?;
+            outgoing.retain(|o| {
+                let gone = missing.contains(o.exchange.as_str());
+                if gone {
+                    let why = format!("exchange {:?} does not exist", o.exchange.as_str());
+                    outcomes.set(
+                        o.index,
+                        shared.config.unroutable.outcome(&o.message.topic, &why),
+                    );
+                }
+                !gone
+            });
+        }
+        let channel = shared.channel(&link).await.map_err(|e| BatchFailure {
+            error: publish_failure("opening a confirm channel failed", e, link.healthy()),
+            replace: !link.healthy(),
+        })?;
+        Ok((link, channel))
+    }
 
-        // Send everything (frames are queued in order; awaiting only waits for the write),
-        // then await the confirms.
+    /// Send every message (frames are queued in order; awaiting only waits for the write),
+    /// returning the pending confirms. After a send fails the rest fail with its error.
+    async fn send<'a>(
+        &self,
+        channel: &Channel,
+        connected: impl Fn() -> bool,
+        outgoing: &'a [Outgoing<'a>],
+        outcomes: &mut Outcomes,
+    ) -> (Vec<(&'a Outgoing<'a>, PublisherConfirm)>, Option<Error>) {
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
         };
         let mut pending = Vec::with_capacity(outgoing.len());
-        let mut broken: Option<Error> = None;
-        let mut timed_out = false;
-        let mut not_found = false;
-        for o in &outgoing {
-            if let Some(e) = &broken {
-                outcomes[o.index] = Some(Err(duplicate(e)));
-                continue;
-            }
-            let sent = timeout_at(
-                deadline,
-                channel.basic_publish(
+        for (i, o) in outgoing.iter().enumerate() {
+            let sent = channel
+                .basic_publish(
                     o.exchange.clone(),
                     o.routing_key.clone(),
                     options,
                     &o.message.payload,
                     o.properties.clone(),
-                ),
-            )
-            .await;
+                )
+                .await;
             match sent {
-                Ok(Ok(confirm)) => pending.push((o, confirm)),
-                Ok(Err(e)) => {
-                    not_found |= is_not_found(&e);
-                    let e = transient("sending failed", e);
-                    outcomes[o.index] = Some(Err(duplicate(&e)));
-                    broken = Some(e);
-                }
-                Err(_) => {
-                    timed_out = true;
-                    let e = Error::transient(format!(
-                        "sending did not finish within {:?}",
-                        config.publish_timeout
-                    ));
-                    outcomes[o.index] = Some(Err(duplicate(&e)));
-                    broken = Some(e);
+                Ok(confirm) => pending.push((o, confirm)),
+                Err(e) => {
+                    let error = publish_failure("sending failed", e, connected());
+                    for rest in &outgoing[i..] {
+                        outcomes.set(rest.index, Err(duplicate(&error)));
+                    }
+                    return (pending, Some(error));
                 }
             }
         }
+        (pending, None)
+    }
 
-        let mut returned: HashMap<String, BasicReturnMessage> = HashMap::new();
-        let mut acked: Vec<&Outgoing<'_>> = Vec::with_capacity(pending.len());
-        for (o, confirm) in pending {
-            match timeout_at(deadline, confirm).await {
-                Ok(Ok(confirmation)) => {
-                    let (ok, back) = match confirmation {
-                        Confirmation::Ack(back) => (true, back),
-                        Confirmation::Nack(back) => (false, back),
-                        Confirmation::NotRequested => (false, None),
-                    };
-                    // lapin hands a basic.return to whichever confirm completes next, which
-                    // under a multiple-ack need not be the returned message's own: match
-                    // returns to messages by message_id instead.
-                    if let Some(back) = back {
-                        let id = back
-                            .delivery
-                            .properties
-                            .message_id()
-                            .as_ref()
-                            .map(|s| s.to_string())
-                            .unwrap_or_default();
-                        returned.insert(id, back);
-                    }
-                    if ok {
-                        acked.push(o);
-                    } else {
-                        outcomes[o.index] = Some(Err(Error::transient(
-                            "the broker nacked the message (it could not take responsibility for it)",
-                        )));
-                    }
-                }
-                Ok(Err(e)) => {
-                    not_found |= is_not_found(&e);
-                    outcomes[o.index] = Some(Err(transient("no publisher confirm", e)));
-                }
-                Err(_) => {
-                    timed_out = true;
-                    outcomes[o.index] = Some(Err(Error::transient(format!(
-                        "no publisher confirm within {:?}",
-                        config.publish_timeout
-                    ))));
-                }
-            }
+    /// The outcome of one confirm: acked, nacked, or lost with the channel. A returned
+    /// message (no queue bound) is collected in `returned` and decided later, by message id.
+    fn confirmed(
+        &self,
+        confirmation: std::result::Result<Confirmation, lapin::Error>,
+        connected: bool,
+        returned: &mut HashMap<String, BasicReturnMessage>,
+    ) -> Result<()> {
+        let confirmation =
+            confirmation.map_err(|e| publish_failure("no publisher confirm", e, connected))?;
+        let (ok, back) = match confirmation {
+            Confirmation::Ack(back) => (true, back),
+            Confirmation::Nack(back) => (false, back),
+            Confirmation::NotRequested => (false, None),
+        };
+        // lapin hands a basic.return to whichever confirm completes next, which under a
+        // multiple-ack need not be the returned message's own: match returns to messages by
+        // message_id instead.
+        if let Some(back) = back {
+            let id = back
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            returned.insert(id, back);
         }
-        for o in acked {
-            outcomes[o.index] = Some(Ok(()));
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::transient(
+                "the broker nacked the message (it could not take responsibility for it)",
+            ))
         }
-        for o in &outgoing {
+    }
+
+    /// Apply the unroutable policy to the messages the broker returned.
+    fn returned(
+        &self,
+        outgoing: &[Outgoing<'_>],
+        mut returned: HashMap<String, BasicReturnMessage>,
+        outcomes: &mut Outcomes,
+    ) {
+        let policy = self.shared.config.unroutable;
+        for o in outgoing {
             if let Some(back) = returned.remove(&o.message.id.to_string()) {
-                outcomes[o.index] = Some(Err(Error::permanent(format!(
-                    "unroutable: no queue bound for exchange {} routing key {:?} (broker: {} {})",
+                let why = format!(
+                    "no queue bound for exchange {} routing key {:?} (broker: {} {})",
                     exchange_label(back.delivery.exchange.as_str()),
                     back.delivery.routing_key.as_str(),
                     back.reply_code,
                     back.reply_text
-                ))));
+                );
+                outcomes.set(o.index, policy.outcome(&o.message.topic, &why));
             }
         }
         for (id, back) in returned {
             warn!(message_id = %id, exchange = %back.delivery.exchange, routing_key = %back.delivery.routing_key,
                 "a returned message matched no message of the batch");
         }
+    }
+}
 
-        // The channel goes back to the pool only if it is known to be sound.
+#[async_trait]
+impl Broker for AmqpBroker {
+    /// Send the batch, await every confirm under one timeout, map each outcome once.
+    async fn publish(&self, messages: &[Message]) -> Vec<Result<()>> {
+        let shared = &self.shared;
+        let timeout = shared.config.publish_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut outcomes = Outcomes::new(messages.len());
+        let mut outgoing = self.prepare(messages, &mut outcomes);
+        if outgoing.is_empty() {
+            return outcomes.finish();
+        }
+        let (link, channel) =
+            match timeout_at(deadline, self.ready(&mut outgoing, &mut outcomes)).await {
+                Ok(Ok(ready)) => ready,
+                Ok(Err(failure)) => {
+                    if failure.replace {
+                        shared.invalidate_current("the connection failed").await;
+                    }
+                    outcomes.fail_rest(&failure.error);
+                    return outcomes.finish();
+                }
+                Err(_) => {
+                    shared.invalidate_current("connecting timed out").await;
+                    // Nothing was sent: the connection, not a message, is in trouble.
+                    outcomes.fail_rest(&Error::unavailable(format!(
+                        "connecting and opening a channel took over {timeout:?}"
+                    )));
+                    return outcomes.finish();
+                }
+            };
+        let connected = || link.healthy();
+        let sent = timeout_at(
+            deadline,
+            self.send(&channel, connected, &outgoing, &mut outcomes),
+        )
+        .await;
+        let (pending, broken) = match sent {
+            Ok(sent) => sent,
+            Err(_) => (
+                Vec::new(),
+                Some(Error::transient(format!(
+                    "sending did not finish within {timeout:?}"
+                ))),
+            ),
+        };
+        // Confirms are taken as they come, so one the broker never sends fails alone.
+        let mut confirms: FuturesUnordered<_> = pending
+            .into_iter()
+            .map(|(o, c)| async move { (o, c.await) })
+            .collect();
+        let mut returned = HashMap::new();
+        let mut not_found = false;
+        let mut timed_out = false;
+        loop {
+            match timeout_at(deadline, confirms.next()).await {
+                Ok(Some((o, confirmation))) => {
+                    not_found |= confirmation.as_ref().is_err_and(is_not_found);
+                    let outcome = self.confirmed(confirmation, link.healthy(), &mut returned);
+                    outcomes.set(o.index, outcome);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    timed_out = true;
+                    break;
+                }
+            }
+        }
+        if timed_out || broken.is_some() {
+            outcomes.fail_rest(&Error::transient(format!(
+                "no publisher confirm within {timeout:?}"
+            )));
+        }
+        self.returned(&outgoing, returned, &mut outcomes);
+        self.after_publish(link, channel, timed_out, broken.is_none(), not_found)
+            .await;
+        outcomes.finish()
+    }
+
+    /// Connect (if need be): `Ok` once a connection is open. A failure is
+    /// [`Unavailable`](outbox_core::ErrorKind::Unavailable).
+    async fn probe(&self) -> Result<()> {
+        let timeout = self.shared.config.connect_timeout;
+        match tokio::time::timeout(timeout, self.shared.link()).await {
+            Ok(Ok(link)) if link.healthy() => Ok(()),
+            Ok(Ok(_)) => Err(Error::unavailable("the AMQP connection is not open")),
+            Ok(Err(e)) => Err(Error::unavailable(format!("AMQP connection failed: {e}"))),
+            Err(_) => Err(Error::unavailable(format!(
+                "connecting took over {timeout:?}"
+            ))),
+        }
+    }
+
+    /// With the default exchange (`Routing::queue_per_topic`): whether the queue named by
+    /// the routing key exists. Otherwise: whether the exchange exists; AMQP 0-9-1 cannot tell
+    /// whether a queue is bound for a routing key without publishing (a `mandatory` publish
+    /// returns it), so an existing exchange is [`Route::Unknown`].
+    async fn check_route(&self, topic: &str) -> Result<Route> {
+        let probe = route_probe(topic);
+        let dest = self.shared.config.routing.route(&probe);
+        let link = self.shared.link().await?;
+        let channel = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| from_lapin("opening a channel", e))?;
+        let route = if dest.exchange.is_empty() {
+            let declared = channel
+                .queue_declare(
+                    dest.routing_key.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(_) => Route::Routable(format!("queue {:?} exists", dest.routing_key)),
+                Err(e) if is_not_found(&e) => {
+                    Route::Unroutable(format!("queue {:?} does not exist", dest.routing_key))
+                }
+                Err(e) => return Err(from_lapin("checking the queue", e)),
+            }
+        } else {
+            let missing = self
+                .shared
+                .missing_exchanges(&link, HashSet::from([dest.exchange.clone()]))
+                .await
+                .map_err(|e| from_lapin("checking the exchange", e))?;
+            if missing.is_empty() {
+                Route::Unknown(format!(
+                    "exchange {:?} exists; whether a queue is bound for routing key {:?} shows \
+                     only at publish (mandatory) or in the management API",
+                    dest.exchange, dest.routing_key
+                ))
+            } else {
+                Route::Unroutable(format!("exchange {:?} does not exist", dest.exchange))
+            }
+        };
+        let _ = channel.close(200, "checked".into()).await;
+        Ok(route)
+    }
+}
+
+impl AmqpBroker {
+    /// Keep the channel for the next publish if it is known to be sound; replace the
+    /// connection if a publish timed out (its state is unknown) or it failed.
+    async fn after_publish(
+        &self,
+        link: Arc<Link>,
+        channel: Channel,
+        timed_out: bool,
+        sent_all: bool,
+        not_found: bool,
+    ) {
+        let shared = &self.shared;
         if not_found {
             // An exchange vanished since it was checked: check again next time.
             link.exchanges().clear();
         }
         if timed_out || !link.healthy() {
-            shared
-                .invalidate(
-                    &link,
-                    if timed_out {
-                        "publish timed out"
-                    } else {
-                        "connection failed"
-                    },
-                )
-                .await;
-        } else if broken.is_none() && channel.status().connected() {
+            let reason = if timed_out {
+                "publish timed out"
+            } else {
+                "connection failed"
+            };
+            shared.invalidate(&link, reason).await;
+        } else if sent_all && channel.status().connected() {
             link.idle().push(channel);
         }
-        finish(outcomes)
+    }
+}
+
+/// A message of `topic` for asking the routing where it goes.
+fn route_probe(topic: &str) -> Message {
+    let now = outbox_core::chrono::Utc::now();
+    Message {
+        id: outbox_core::MessageId::new(),
+        seq: 0,
+        topic: topic.to_string(),
+        key: String::new(),
+        payload: outbox_core::Bytes::new(),
+        headers: outbox_core::Headers::new(),
+        partition: 0,
+        created_at: now,
+        available_at: now,
+        attempts: 0,
+        last_error: None,
     }
 }

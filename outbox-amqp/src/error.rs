@@ -42,12 +42,6 @@ pub(crate) fn from_lapin(context: impl Into<String>, error: lapin::Error) -> Err
     Error::new(kind, context).with_source(error)
 }
 
-/// The same, but always transient: for publish outcomes, where only the broker's explicit
-/// answers (basic.return, a missing exchange) are permanent.
-pub(crate) fn transient(context: impl Into<String>, error: lapin::Error) -> Error {
-    Error::transient(context).with_source(error)
-}
-
 /// Whether the channel was closed by the server because an exchange does not exist.
 pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), LapinKind::ProtocolError(amqp)
@@ -57,30 +51,25 @@ pub(crate) fn is_not_found(error: &lapin::Error) -> bool {
 /// A copy of an outbox error (it is not `Clone`), for fanning one failure out to many
 /// messages. The cause is kept as text.
 pub(crate) fn duplicate(error: &Error) -> Error {
-    Error::new(error.kind(), error.to_string())
+    error.duplicate()
+}
+
+/// The outcome error for a publish that failed because of `error` while the connection was
+/// in state `connected`: with the connection gone the broker is unavailable as a whole
+/// ([`Unavailable`](ErrorKind::Unavailable): no attempt is counted), otherwise the channel or
+/// message failed ([`Transient`](ErrorKind::Transient)).
+pub(crate) fn publish_failure(context: &str, error: lapin::Error, connected: bool) -> Error {
+    let kind = if connected {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Unavailable
+    };
+    Error::new(kind, context.to_string()).with_source(error)
 }
 
 /// `url` with the password replaced by `***`, for logs and error messages.
 pub(crate) fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_string();
-    };
-    let userinfo = &authority[..at];
-    let Some(colon) = userinfo.find(':') else {
-        return url.to_string();
-    };
-    format!(
-        "{}{}:***{}",
-        &url[..scheme_end + 3],
-        &userinfo[..colon],
-        &rest[at..]
-    )
+    outbox_core::redact_url(url)
 }
 
 #[cfg(test)]
@@ -93,10 +82,7 @@ mod tests {
             redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
-        assert_eq!(redact("amqps://u:p@w@host/vh"), "amqps://u:***@host/vh");
         assert_eq!(redact("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
-        assert_eq!(redact("amqp://user@host"), "amqp://user@host");
-        assert_eq!(redact("not a url"), "not a url");
     }
 
     #[test]

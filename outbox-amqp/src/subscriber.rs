@@ -25,6 +25,7 @@ pub struct AmqpSubscriberBuilder {
     connect_timeout: Duration,
     connection_name: String,
     max_reconnect_delay: Duration,
+    dead_letter_exchange: Option<String>,
 }
 
 impl std::fmt::Debug for AmqpSubscriberBuilder {
@@ -36,6 +37,7 @@ impl std::fmt::Debug for AmqpSubscriberBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("connection_name", &self.connection_name)
             .field("max_reconnect_delay", &self.max_reconnect_delay)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
             .finish()
     }
 }
@@ -65,6 +67,19 @@ impl AmqpSubscriberBuilder {
     /// (default 5 s; attempts start at 100 ms and double).
     pub fn max_reconnect_delay(mut self, delay: Duration) -> Self {
         self.max_reconnect_delay = delay.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Where [`Delivery::reject`] sends a message the consumer gave up on: with an exchange
+    /// set, the subscriber publishes a copy there (same routing key and properties, plus the
+    /// headers `x-outbox-error` with the reason and `x-outbox-source-exchange`) on the consuming
+    /// channel, which is then in confirm mode, waits for RabbitMQ's publisher confirm, and only
+    /// then acks the original: a crash in between delivers the original again, never loses it.
+    /// Without one (the default), `reject` nacks without requeue, so a dead-letter exchange
+    /// configured on the queue (`x-dead-letter-exchange`) receives it with RabbitMQ's
+    /// `x-death` header but without the reason.
+    pub fn dead_letter_exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.dead_letter_exchange = Some(exchange.into());
         self
     }
 
@@ -131,8 +146,9 @@ impl std::fmt::Debug for AmqpSubscriber {
 
 struct Session {
     connection: Connection,
-    // Kept so the channel is not closed while the consumer runs.
-    _channel: Channel,
+    /// The consuming channel (kept open while the consumer runs; also publishes dead letters
+    /// when the subscriber routes them itself).
+    channel: Channel,
     consumer: Consumer,
 }
 
@@ -148,6 +164,12 @@ impl Session {
             .basic_qos(config.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| from_lapin("setting the prefetch", e))?;
+        if config.dead_letter_exchange.is_some() {
+            channel
+                .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| from_lapin("enabling publisher confirms", e))?;
+        }
         let tag = format!("outbox-{}", uuid::Uuid::now_v7().simple());
         let consumer = channel
             .basic_consume(
@@ -161,7 +183,7 @@ impl Session {
         debug!(queue = %config.queue, "AMQP consumer started");
         Ok(Session {
             connection,
-            _channel: channel,
+            channel,
             consumer,
         })
     }
@@ -177,6 +199,7 @@ impl AmqpSubscriber {
             connect_timeout: Duration::from_secs(10),
             connection_name: "outbox-subscriber".to_string(),
             max_reconnect_delay: Duration::from_secs(5),
+            dead_letter_exchange: None,
         }
     }
 
@@ -258,7 +281,14 @@ impl Subscriber for AmqpSubscriber {
                     continue;
                 }
             };
+            // Deliveries lapin buffered before the channel died can no longer be acked:
+            // RabbitMQ requeues them. Handing them out would only run handlers for nothing.
+            if !delivery.acker.usable() || !session.connection.status().connected() {
+                debug!(queue = %self.config.queue, "dropping a delivery of a dead channel");
+                continue;
+            }
             let lapin::message::Delivery {
+                exchange,
                 routing_key,
                 redelivered,
                 properties,
@@ -277,10 +307,23 @@ impl Subscriber for AmqpSubscriber {
                     continue;
                 }
             };
+            let dead_letter =
+                self.config
+                    .dead_letter_exchange
+                    .as_ref()
+                    .map(|dlx| DeadLetterRoute {
+                        channel: session.channel.clone(),
+                        exchange: dlx.clone(),
+                        routing_key: routing_key.to_string(),
+                        source_exchange: exchange.to_string(),
+                        properties: properties.clone(),
+                        body: data.clone(),
+                    });
             let message = codec::received(id, routing_key.as_str(), redelivered, &properties, data);
             return Ok(Box::new(AmqpDelivery {
                 message,
                 acker: Some(acker),
+                dead_letter,
             }));
         }
     }
@@ -295,6 +338,53 @@ impl Subscriber for AmqpSubscriber {
 pub struct AmqpDelivery {
     message: Received,
     acker: Option<Acker>,
+    dead_letter: Option<DeadLetterRoute>,
+}
+
+/// What [`AmqpDelivery::reject`] needs to route a copy to the subscriber's dead-letter
+/// exchange.
+struct DeadLetterRoute {
+    channel: Channel,
+    exchange: String,
+    routing_key: String,
+    source_exchange: String,
+    properties: lapin::BasicProperties,
+    body: Vec<u8>,
+}
+
+impl DeadLetterRoute {
+    /// Publish the copy with the reason; `Ok` once RabbitMQ confirmed it.
+    async fn publish(self, reason: &str) -> Result<()> {
+        use lapin::types::{AMQPValue, LongString};
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-outbox-error".into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        headers.insert(
+            "x-outbox-source-exchange".into(),
+            AMQPValue::LongString(LongString::from(self.source_exchange.as_str())),
+        );
+        let properties = self.properties.with_headers(headers);
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &self.body,
+                properties,
+            )
+            .await
+            .map_err(|e| from_lapin("publishing a dead letter", e))?;
+        match confirm.await {
+            Ok(lapin::Confirmation::Ack(_)) => Ok(()),
+            Ok(_) => Err(Error::transient(
+                "RabbitMQ did not take the dead letter (nack); the message is delivered again",
+            )),
+            Err(e) => Err(from_lapin("confirming a dead letter", e)),
+        }
+    }
 }
 
 impl std::fmt::Debug for AmqpDelivery {
@@ -347,6 +437,21 @@ impl Delivery for AmqpDelivery {
                 .await,
             "nack",
         )
+    }
+
+    /// With the subscriber's [`dead_letter_exchange`](AmqpSubscriberBuilder::dead_letter_exchange):
+    /// publish a copy there with the reason (`x-outbox-error`), then ack. Without: nack without
+    /// requeue (the queue's own dead-letter exchange, if any, gets it).
+    async fn reject(mut self: Box<Self>, reason: &str) -> Result<()> {
+        let Some(route) = self.dead_letter.take() else {
+            return self.nack(false).await;
+        };
+        route.publish(reason).await?;
+        self.ack().await
+    }
+
+    fn is_stale(&self) -> bool {
+        self.acker.as_ref().is_some_and(|a| !a.usable())
     }
 }
 

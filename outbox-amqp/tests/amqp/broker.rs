@@ -8,7 +8,7 @@ use outbox_amqp::{AmqpBroker, Destination, Routing};
 use outbox_core::memory::MemoryStore;
 use outbox_core::{
     Broker, DeadLetters, Enqueue, ErrorKind, Headers, NewMessage, Received, Relay, RetryPolicy,
-    Transactional,
+    Transactional, UnroutablePolicy,
 };
 use outbox_testkit::BrokerHarness;
 
@@ -94,8 +94,11 @@ async fn a_batch_of_1000_is_confirmed_and_consumed_intact() {
     assert_eq!(broker.connections_opened(), 1);
 }
 
+/// A batch with one message no queue is bound for, one for a missing exchange and routable
+/// ones: the routable ones are published, the two get the outcome of the broker's
+/// unroutable policy, and the connection (with a new channel) carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unroutable_messages_fail_alone_and_permanently() {
+async fn unroutable_messages_get_the_policy_outcome_alone() {
     init_tracing();
     let Some(h) = AmqpHarness::new().await else {
         return;
@@ -113,55 +116,71 @@ async fn unroutable_messages_fail_alone_and_permanently() {
             }
         })
     };
-    let broker = AmqpBroker::builder(h.url())
-        .routing(routing)
-        .connect()
-        .await
-        .unwrap();
-
-    let batch = vec![
-        message(&topic, "a", "first", Headers::new()),
-        message("no-queue-bound", "b", "unroutable", Headers::new()),
-        message(&topic, "c", "third", Headers::new()),
-        message("nowhere", "d", "no exchange", Headers::new()),
-        message(&topic, "e", "fifth", Headers::new()),
-    ];
-    let outcomes = broker.publish(&batch).await;
-    assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
-    assert!(outcomes[2].is_ok(), "{:?}", outcomes[2]);
-    assert!(outcomes[4].is_ok(), "{:?}", outcomes[4]);
-    let unroutable = outcomes[1].as_ref().unwrap_err();
-    assert_eq!(unroutable.kind(), ErrorKind::Permanent);
-    let text = unroutable.to_string();
-    assert!(
-        text.contains("unroutable: no queue bound for exchange")
-            && text.contains(&exchange)
-            && text.contains("routing key \"no-queue-bound\""),
-        "{text}"
-    );
-    let no_exchange = outcomes[3].as_ref().unwrap_err();
-    assert_eq!(no_exchange.kind(), ErrorKind::Permanent);
-    assert!(
-        no_exchange.to_string().contains("does not exist")
-            && no_exchange.to_string().contains(&missing_exchange),
-        "{no_exchange}"
-    );
-
-    // The routable ones arrived; the connection survived the missing exchange.
     let mut sub = h.subscriber(&topic).await;
-    let mut bodies = Vec::new();
-    for _ in 0..3 {
-        let d = next(&mut sub).await;
-        bodies.push(String::from_utf8(d.message().payload.to_vec()).unwrap());
-        d.ack().await.unwrap();
+    for (policy, kind) in [
+        (UnroutablePolicy::DeadLetter, Some(ErrorKind::Permanent)),
+        (UnroutablePolicy::Retry, Some(ErrorKind::Transient)),
+        (UnroutablePolicy::Accept, None),
+    ] {
+        let broker = AmqpBroker::builder(h.url())
+            .routing(routing.clone())
+            .unroutable(policy)
+            .connect()
+            .await
+            .unwrap();
+        let mut batch: Vec<_> = (0..9)
+            .map(|i| message(&topic, &format!("k{i}"), format!("ok-{i}"), Headers::new()))
+            .collect();
+        batch.insert(
+            3,
+            message("no-queue-bound", "b", "unroutable", Headers::new()),
+        );
+        batch.insert(7, message("nowhere", "d", "no exchange", Headers::new()));
+        let outcomes = broker.publish(&batch).await;
+        for (i, o) in outcomes.iter().enumerate() {
+            let routable = i != 3 && i != 7;
+            match (routable, kind, o) {
+                (true, _, Ok(())) | (false, None, Ok(())) => {}
+                (false, Some(kind), Err(e)) => {
+                    assert_eq!(e.kind(), kind, "{policy:?}: {e}");
+                    let text = e.to_string();
+                    assert!(text.contains("unroutable:"), "{text}");
+                    if i == 3 {
+                        assert!(
+                            text.contains("no queue bound for exchange")
+                                && text.contains(&exchange)
+                                && text.contains("routing key \"no-queue-bound\""),
+                            "{text}"
+                        );
+                    } else {
+                        assert!(
+                            text.contains("does not exist") && text.contains(&missing_exchange),
+                            "{text}"
+                        );
+                    }
+                }
+                other => panic!("{policy:?}, message {i}: {other:?}"),
+            }
+        }
+        let mut bodies = Vec::new();
+        for _ in 0..9 {
+            let d = next(&mut sub).await;
+            bodies.push(String::from_utf8(d.message().payload.to_vec()).unwrap());
+            d.ack().await.unwrap();
+        }
+        let want: Vec<String> = (0..9).map(|i| format!("ok-{i}")).collect();
+        assert_eq!(bodies, want, "{policy:?}");
+        let again = broker
+            .publish(&[message(&topic, "f", "after", Headers::new())])
+            .await;
+        assert!(again[0].is_ok(), "{policy:?}: {:?}", again[0]);
+        assert_eq!(
+            broker.connections_opened(),
+            1,
+            "{policy:?}: the connection survived"
+        );
+        next(&mut sub).await.ack().await.unwrap();
     }
-    assert_eq!(bodies, ["first", "third", "fifth"]);
-    let again = broker
-        .publish(&[message(&topic, "f", "sixth", Headers::new())])
-        .await;
-    assert!(again[0].is_ok(), "{:?}", again[0]);
-    assert_eq!(broker.connections_opened(), 1);
-    next(&mut sub).await.ack().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +204,13 @@ async fn the_relay_dead_letters_an_unroutable_message_with_its_reason() {
         .unwrap();
     store.commit(tx).await.unwrap();
 
-    let relay = Relay::builder(Arc::new(store.clone()), Arc::new(h.amqp_broker().await))
+    let broker = AmqpBroker::builder(h.url())
+        .routing(Routing::exchange(h.exchange()))
+        .unroutable(UnroutablePolicy::DeadLetter)
+        .connect()
+        .await
+        .unwrap();
+    let relay = Relay::builder(Arc::new(store.clone()), Arc::new(broker))
         .build()
         .unwrap();
     let report = relay.run_once().await.unwrap();
@@ -307,7 +332,11 @@ async fn queue_per_topic_routing_uses_the_default_exchange() {
         .await;
     assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
     let e = outcomes[1].as_ref().unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Permanent);
+    assert_eq!(
+        e.kind(),
+        ErrorKind::Transient,
+        "the default unroutable policy retries"
+    );
     assert!(
         e.to_string().contains("(the default exchange)") && e.to_string().contains(&nowhere),
         "{e}"

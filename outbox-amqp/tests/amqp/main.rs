@@ -2,6 +2,7 @@
 //! one unless `OUTBOX_TEST_REQUIRE` names `amqp`.
 
 mod broker;
+mod consumer;
 mod faults;
 mod harness;
 mod subscriber;
