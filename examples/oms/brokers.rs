@@ -96,11 +96,7 @@ async fn kafka(bootstrap: &str, topic: &str) -> Result<BrokerSetup> {
     outbox::kafka::KafkaAdmin::new(bootstrap)?
         .ensure_topic(topic, 6)
         .await?;
-    // One record per Kafka batch: tansu (the Kafka-protocol broker our CI uses) skips the rest
-    // of a batch when a consumer seeks into it; real Kafka does not need this.
-    let broker = outbox::kafka::KafkaBroker::builder(bootstrap)
-        .set("batch.num.messages", "1")
-        .build()?;
+    let broker = outbox::kafka::KafkaBroker::new(bootstrap)?;
     Ok(BrokerSetup::Kafka {
         broker: Arc::new(broker),
         bootstrap: bootstrap.to_string(),

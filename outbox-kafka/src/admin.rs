@@ -82,8 +82,14 @@ impl KafkaAdmin {
     }
 
     /// An admin client from a full librdkafka configuration (TLS, SASL, ...).
+    ///
+    /// `allow.auto.create.topics` is always `false`: the admin client's metadata requests
+    /// (see [`partitions`](Self::partitions)) must not make a broker that allows auto-creation
+    /// create the topic they ask about. (librdkafka's admin client is a producer, whose default
+    /// is `true`; nisshi, for one, creates any topic a metadata request names when allowed.)
     pub fn from_config(config: &ClientConfig) -> Result<Self> {
         let mut config = config.clone();
+        config.set("allow.auto.create.topics", "false");
         config.set_log_level(log_level());
         let client = config
             .create_with_context(TracingContext)

@@ -198,6 +198,14 @@ impl Tracker {
             .collect()
     }
 
+    /// Whether `partition` of `topic` is still assigned in `generation` (a delivery of an
+    /// earlier assignment can no longer be settled).
+    pub(crate) fn is_current(&self, topic: &str, partition: i32, generation: u64) -> bool {
+        self.partitions
+            .get(&(topic.to_string(), partition))
+            .is_some_and(|p| p.generation == generation)
+    }
+
     /// The partition is (re)assigned: start its bookkeeping afresh at the next record.
     pub(crate) fn assign(&mut self, topic: &str, partition: i32) {
         self.partitions.remove(&(topic.to_string(), partition));
@@ -291,6 +299,17 @@ mod tests {
         let g = deliver(&mut t, 1);
         assert_eq!(t.arrive("t", 0, 2, false).1.commit, None);
         assert_eq!(t.settle("t", 0, g, 1, Settle::Done).commit, Some(3));
+    }
+
+    #[test]
+    fn a_delivery_of_a_revoked_assignment_is_not_current() {
+        let mut t = Tracker::default();
+        let g = deliver(&mut t, 0);
+        assert!(t.is_current("t", 0, g));
+        t.revoke("t", 0);
+        assert!(!t.is_current("t", 0, g));
+        let g2 = deliver(&mut t, 0);
+        assert!(t.is_current("t", 0, g2) && !t.is_current("t", 0, g));
     }
 
     #[test]

@@ -5,19 +5,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use outbox_core::{
-    Bytes, Delivery, Error, Headers, MessageId, RESERVED_HEADER_PREFIX, Received, Result,
-    Subscriber,
-};
+use outbox_core::{Delivery, Error, Received, Result, Subscriber};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use crate::ID_HEADER;
 use crate::context::{forward_error, forward_log, log_level};
 use crate::error::other_error;
 use crate::offsets::{Arrival, Effects, Settle, Tracker};
@@ -112,12 +108,15 @@ type RawConsumer = StreamConsumer<SubscriberContext>;
 /// `auto.offset.reset=earliest` (a new group starts at the beginning of its topics), and
 /// librdkafka's default (eager) assignors. The bookkeeping also follows incremental
 /// (`cooperative-sticky`) rebalances, but the tests run the eager protocol only. Anything
-/// else passes through [`set`](Self::set); against tansu, set `fetch.wait.max.ms` low (for
-/// example 10).
+/// else passes through [`set`](Self::set); set `fetch.wait.max.ms` low (for example 10) when
+/// latency matters: librdkafka's default of 500 ms delays a new record by up to that much on
+/// brokers that hold empty fetches (Kafka holds them until data arrives; nisshi 0.8 re-reads
+/// its storage at halving intervals: about 115 ms measured at 500 ms).
 #[must_use]
 pub struct KafkaSubscriberBuilder {
     config: ClientConfig,
     topics: Vec<String>,
+    dead_letter_topic: Option<String>,
 }
 
 impl fmt::Debug for KafkaSubscriberBuilder {
@@ -150,6 +149,16 @@ impl KafkaSubscriberBuilder {
         self
     }
 
+    /// Where [`Delivery::reject`] sends a message the consumer gave up on (for example
+    /// `orders.dlt`): a copy is produced there, idempotently with `acks=all`, with the headers
+    /// `x-outbox-error` (the reason) and `x-outbox-source` (`topic/partition/offset`), before the
+    /// original's offset is committed. The topic must exist (or be auto-created). Without one,
+    /// `reject` commits past the message with a warning.
+    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter_topic = Some(topic.into());
+        self
+    }
+
     /// Create the consumer and subscribe. Must run inside a Tokio runtime.
     pub fn build(self) -> Result<KafkaSubscriber> {
         if self.topics.is_empty() {
@@ -176,8 +185,13 @@ impl KafkaSubscriberBuilder {
         consumer
             .subscribe(&topics)
             .map_err(|e| other_error(e, "subscribing"))?;
+        let dead_letter = match self.dead_letter_topic {
+            Some(topic) => Some(Arc::new(dead_letter_producer(&config, topic)?)),
+            None => None,
+        };
         Ok(KafkaSubscriber {
             inner: Some(Arc::new(consumer)),
+            dead_letter,
         })
     }
 }
@@ -202,6 +216,7 @@ impl KafkaSubscriberBuilder {
 ///   are dropped.
 pub struct KafkaSubscriber {
     inner: Option<Arc<RawConsumer>>,
+    dead_letter: Option<Arc<DeadLetterTopic>>,
 }
 
 impl fmt::Debug for KafkaSubscriber {
@@ -227,6 +242,7 @@ impl KafkaSubscriber {
         KafkaSubscriberBuilder {
             config,
             topics: Vec::new(),
+            dead_letter_topic: None,
         }
     }
 
@@ -283,42 +299,6 @@ fn apply(consumer: &RawConsumer, topic: &str, partition: i32, effects: Effects) 
     }
 }
 
-/// Decode a record into the outbox form; `Err` says why it is not an outbox message.
-fn decode(msg: &BorrowedMessage<'_>) -> std::result::Result<Received, String> {
-    let mut id = None;
-    let mut headers = Headers::new();
-    if let Some(hs) = msg.headers() {
-        for h in hs.iter() {
-            let value = h.value.unwrap_or_default();
-            if h.key == ID_HEADER {
-                let text = std::str::from_utf8(value).map_err(|_| "outbox-id is not UTF-8")?;
-                id = Some(
-                    text.parse::<MessageId>()
-                        .map_err(|e| format!("bad outbox-id header: {e}"))?,
-                );
-            } else if !h
-                .key
-                .to_ascii_lowercase()
-                .starts_with(RESERVED_HEADER_PREFIX)
-            {
-                headers.insert(
-                    h.key.to_string(),
-                    String::from_utf8_lossy(value).into_owned(),
-                );
-            }
-        }
-    }
-    let id = id.ok_or("no outbox-id header")?;
-    Ok(Received {
-        id,
-        topic: msg.topic().to_string(),
-        key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
-        payload: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
-        headers,
-        redelivered: false,
-    })
-}
-
 #[async_trait]
 impl Subscriber for KafkaSubscriber {
     async fn next(&mut self) -> Result<Box<dyn Delivery>> {
@@ -337,7 +317,7 @@ impl Subscriber for KafkaSubscriber {
                 }
             };
             let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
-            let decoded = decode(&msg);
+            let decoded = crate::codec::decode(&msg);
             let arrival = {
                 let mut tracker = consumer.context().lock();
                 let (arrival, effects) = tracker.arrive(topic, partition, offset, decoded.is_ok());
@@ -360,6 +340,7 @@ impl Subscriber for KafkaSubscriber {
                         generation,
                         message: received,
                         settled: false,
+                        dead_letter: self.dead_letter.clone(),
                     }));
                 }
                 (Arrival::SkipInvalid, Err(reason)) => {
@@ -388,6 +369,73 @@ pub struct KafkaDelivery {
     generation: u64,
     message: Received,
     settled: bool,
+    dead_letter: Option<Arc<DeadLetterTopic>>,
+}
+
+/// A producer for the dead-letter topic, on the consumer's connection settings.
+fn dead_letter_producer(consumer: &ClientConfig, topic: String) -> Result<DeadLetterTopic> {
+    let mut config = ClientConfig::new();
+    for (k, v) in consumer.config_map() {
+        let producer_side = k == "bootstrap.servers"
+            || k.starts_with("security.")
+            || k.starts_with("sasl.")
+            || k.starts_with("ssl.")
+            || k == "client.id";
+        if producer_side {
+            config.set(k, v);
+        }
+    }
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "10000")
+        .set_log_level(log_level());
+    let producer = config
+        .create_with_context(crate::context::TracingContext)
+        .map_err(|e| other_error(e, "creating the dead-letter producer"))?;
+    Ok(DeadLetterTopic { topic, producer })
+}
+
+/// The topic rejected deliveries go to, with the producer that writes them.
+struct DeadLetterTopic {
+    topic: String,
+    producer: rdkafka::producer::FutureProducer<crate::context::TracingContext>,
+}
+
+impl DeadLetterTopic {
+    async fn send(&self, m: &Received, partition: i32, offset: i64, reason: &str) -> Result<()> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let id = m.id.to_string();
+        let source = format!("{}/{partition}/{offset}", m.topic);
+        let mut headers = OwnedHeaders::new()
+            .insert(Header {
+                key: crate::ID_HEADER,
+                value: Some(id.as_bytes()),
+            })
+            .insert(Header {
+                key: "x-outbox-error",
+                value: Some(reason.as_bytes()),
+            })
+            .insert(Header {
+                key: "x-outbox-source",
+                value: Some(source.as_bytes()),
+            });
+        for (name, value) in &m.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let record = rdkafka::producer::FutureRecord::to(&self.topic)
+            .key(m.key.as_bytes())
+            .payload(m.payload.as_ref())
+            .headers(headers);
+        self.producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| other_error(e, "producing to the dead-letter topic"))
+    }
 }
 
 impl fmt::Debug for KafkaDelivery {
@@ -432,6 +480,24 @@ impl Delivery for KafkaDelivery {
     async fn ack(mut self: Box<Self>) -> Result<()> {
         self.settle(Settle::Done);
         Ok(())
+    }
+
+    fn is_stale(&self) -> bool {
+        let tracker = self.consumer.context().lock();
+        !tracker.is_current(&self.message.topic, self.partition, self.generation)
+    }
+
+    /// With a [`dead_letter_topic`](KafkaSubscriberBuilder::dead_letter_topic): produce a copy
+    /// there (same key, payload and headers, plus `x-outbox-error` with the reason and
+    /// `x-outbox-source` = topic/partition/offset), wait for its delivery report (`acks=all`),
+    /// then commit past the original. Without one: commit past it with a warning (Kafka has
+    /// no dead-letter route of its own).
+    async fn reject(mut self: Box<Self>, reason: &str) -> Result<()> {
+        if let Some(dlt) = self.dead_letter.clone() {
+            dlt.send(&self.message, self.partition, self.offset, reason)
+                .await?;
+        }
+        self.nack(false).await
     }
 
     async fn nack(mut self: Box<Self>, requeue: bool) -> Result<()> {

@@ -1,6 +1,10 @@
-//! Shared helpers for the Kafka tests: backend lookup, unique names, clients tuned for
-//! tansu, and the testkit's `BrokerHarness` for `KafkaBroker`.
+//! Shared helpers for the Kafka tests: backend lookup, unique names, clients with test
+//! timeouts, the testkit's `BrokerHarness` for `KafkaBroker`, and [`nisshi`] for tests that
+//! own their broker process.
 #![allow(dead_code, unreachable_pub)] // each test binary uses a part of this module
+
+pub mod batches;
+pub mod nisshi;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,20 +12,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use outbox_core::chrono::Utc;
 use outbox_core::{Broker, Bytes, Delivery, Headers, Message, MessageId, Result, Subscriber};
-use outbox_kafka::{KafkaAdmin, KafkaBroker, KafkaBrokerBuilder, KafkaSubscriber};
+use outbox_kafka::{KafkaAdmin, KafkaBroker, KafkaBrokerBuilder, KafkaSubscriber, TopicSpec};
 use outbox_testkit::{BrokerCapabilities, BrokerHarness};
 
-/// The producer's `message.max.bytes` in the harness: the suites' 1 MiB payload fits, a
-/// 3 MiB one is refused (permanently) by the producer.
+/// The producer's `message.max.bytes` and the harness topics' `max.message.bytes`: the
+/// suites' 1 MiB payload fits, a 3 MiB one is refused (permanently) by the producer.
 pub const HARNESS_MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
 /// The broker address from `OUTBOX_TEST_KAFKA_URL`, if set and reachable (else a loud skip,
 /// or a failure when `OUTBOX_TEST_REQUIRE` names kafka).
 pub fn url() -> Option<String> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    batches::init_tracing();
     let url = outbox_testkit::backend::url_or_skip("kafka")?;
     let addr = url.trim_start_matches("tcp://").to_string();
     match std::net::TcpStream::connect_timeout(
@@ -61,22 +62,9 @@ pub fn broker(url: &str) -> KafkaBroker {
     broker_builder(url).build().expect("producer")
 }
 
-/// A producer that writes every record as its own record batch.
-///
-/// Needed by tests whose consumers start (restart, rebalance) or seek (nack with requeue)
-/// at an offset *inside* a record batch: tansu 0.6's fetch returns only batches whose base
-/// offset is at or after the fetch offset (`offsets.split_off(&offset)` in
-/// `tansu-storage/src/dynostore.rs`), where Kafka returns the batch containing the offset.
-/// Against tansu a consumer positioned mid-batch would silently skip the rest of that batch.
-/// With one record per batch every offset is a batch start. Real Kafka needs none of this.
-pub fn broker_unbatched(url: &str) -> KafkaBroker {
-    broker_builder(url)
-        .set("batch.num.messages", "1")
-        .build()
-        .expect("producer")
-}
-
-/// A subscriber of `topic` in `group`, tuned for tansu (short fetch waits).
+/// A subscriber of `topic` in `group` with a short fetch wait (`fetch.wait.max.ms` 10: an
+/// idle fetch on nisshi returns a new record after a quarter to half of the wait) and a short
+/// session.
 pub fn subscriber(url: &str, group: &str, topic: &str) -> KafkaSubscriber {
     let mut builder = KafkaSubscriber::builder(url, group);
     if let Ok(debug) = std::env::var("OUTBOX_TEST_KAFKA_DEBUG") {
@@ -139,26 +127,33 @@ pub async fn publish_all(broker: &dyn Broker, messages: &[Message]) {
     }
 }
 
+/// How many harness scenarios of one test binary run at once. The suites' relays abandon a
+/// broker call after 40% of their lease (0.8 s in the end-to-end scenarios) and publish again,
+/// which those scenarios count as a needless duplicate: with every scenario of a binary at
+/// once (19 in `conformance.rs`) on a shared 2-core machine, nisshi's SQLite storage
+/// sometimes took longer than that to acknowledge a batch.
+static SCENARIOS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// The testkit harness for Kafka: a fresh 4-partition topic per scenario, one consumer
-/// group per topic.
+/// group per topic. Holds one of [`SCENARIOS`] while it lives.
 pub struct KafkaHarness {
     url: String,
     broker: Arc<KafkaBroker>,
+    _turn: Option<tokio::sync::SemaphorePermit<'static>>,
 }
 
 impl KafkaHarness {
-    /// A harness on `url`.
-    pub fn new(url: &str) -> Self {
-        // One record per batch: the suites restart consumers mid-topic (see
-        // `broker_unbatched` for the tansu fetch behaviour this avoids).
+    /// A harness on `url`, once fewer than [`SCENARIOS`] others live.
+    pub async fn new(url: &str) -> Self {
+        let turn = SCENARIOS.acquire().await.ok();
         let broker = broker_builder(url)
-            .set("batch.num.messages", "1")
             .set("message.max.bytes", HARNESS_MAX_MESSAGE_BYTES.to_string())
             .build()
             .expect("producer");
         KafkaHarness {
             url: url.to_string(),
             broker: Arc::new(broker),
+            _turn: turn,
         }
     }
 }
@@ -179,7 +174,11 @@ impl BrokerHarness for KafkaHarness {
 
     async fn fresh_topic(&self) -> Result<String> {
         let name = unique("suite");
-        KafkaAdmin::new(&self.url)?.ensure_topic(&name, 4).await?;
+        // The topic's limit on a record batch must admit the largest message (Kafka's
+        // default, which nisshi enforces too, is 1 MiB + 12 bytes).
+        let spec = TopicSpec::new(&name, 4)
+            .config("max.message.bytes", HARNESS_MAX_MESSAGE_BYTES.to_string());
+        KafkaAdmin::new(&self.url)?.ensure_topics(&[spec]).await?;
         Ok(name)
     }
 
@@ -198,5 +197,5 @@ impl BrokerHarness for KafkaHarness {
 
 /// For the testkit's suite macros: `None` skips.
 pub async fn make_broker() -> Option<KafkaHarness> {
-    url().map(|url| KafkaHarness::new(&url))
+    Some(KafkaHarness::new(&url()?).await)
 }
