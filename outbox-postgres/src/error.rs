@@ -11,9 +11,10 @@ pub(crate) fn db_error(what: &str, e: sqlx::Error) -> Error {
 /// The error kind of a sqlx error.
 pub(crate) fn kind_of(e: &sqlx::Error) -> ErrorKind {
     match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
+        // The server cannot be reached, or the connection broke: the database is down as a
+        // whole, not this call.
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => ErrorKind::Unavailable,
+        sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::BeginFailed => ErrorKind::Transient,
@@ -34,17 +35,20 @@ pub(crate) fn kind_of_sqlstate(code: &str) -> ErrorKind {
         // serialization_failure, deadlock_detected, lock_not_available, query_canceled
         // (statement_timeout), idle_in_transaction_session_timeout.
         "40001" | "40P01" | "55P03" | "57014" | "25P03" => ErrorKind::Transient,
-        // admin_shutdown, crash_shutdown, cannot_connect_now: the server comes back.
-        "57P01" | "57P02" | "57P03" => ErrorKind::Transient,
+        // admin_shutdown, crash_shutdown, cannot_connect_now: the server is going away or not
+        // up yet; it comes back.
+        "57P01" | "57P02" | "57P03" => ErrorKind::Unavailable,
         // database_dropped: retrying will not bring it back.
         "57P04" => ErrorKind::Config,
         // Undefined table/column/schema/function, insufficient privilege, bad credentials,
         // unknown database: the database does not match the configuration.
         "42P01" | "42703" | "3F000" | "42883" | "42501" | "3D000" => ErrorKind::Config,
         _ => match &code[..code.len().min(2)] {
-            // connection_exception; insufficient_resources (too many connections, out of
-            // memory or disk); operator intervention; system errors.
-            "08" | "53" | "57" | "58" => ErrorKind::Transient,
+            // connection_exception: the connection is gone.
+            "08" => ErrorKind::Unavailable,
+            // insufficient_resources (too many connections, out of memory or disk); operator
+            // intervention; system errors.
+            "53" | "57" | "58" => ErrorKind::Transient,
             "28" => ErrorKind::Config,
             // Data exceptions (bad values, out-of-range times) and integrity violations.
             "22" | "23" => ErrorKind::InvalidInput,
@@ -59,14 +63,15 @@ mod tests {
 
     #[test]
     fn sqlstates_map_to_kinds() {
-        for transient in [
-            "40001", "40P01", "08006", "08001", "53300", "57P01", "55P03",
-        ] {
+        for transient in ["40001", "40P01", "53300", "55P03", "57014"] {
             assert_eq!(
                 kind_of_sqlstate(transient),
                 ErrorKind::Transient,
                 "{transient}"
             );
+        }
+        for down in ["08006", "08001", "57P01", "57P03"] {
+            assert_eq!(kind_of_sqlstate(down), ErrorKind::Unavailable, "{down}");
         }
         assert_eq!(kind_of_sqlstate("42P01"), ErrorKind::Config);
         assert_eq!(kind_of_sqlstate("28P01"), ErrorKind::Config);
@@ -79,7 +84,7 @@ mod tests {
     #[test]
     fn driver_errors_map_to_kinds() {
         let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
-        assert_eq!(kind_of(&io), ErrorKind::Transient);
+        assert_eq!(kind_of(&io), ErrorKind::Unavailable);
         assert_eq!(kind_of(&sqlx::Error::PoolTimedOut), ErrorKind::Transient);
         assert_eq!(kind_of(&sqlx::Error::PoolClosed), ErrorKind::Closed);
         assert_eq!(kind_of(&sqlx::Error::RowNotFound), ErrorKind::Permanent);

@@ -66,6 +66,19 @@
 //! error). Turn the locks off with [`PgStoreBuilder::key_locks`] if your transactions already
 //! serialise writers per key (for example by locking the aggregate's row first).
 //!
+//! # Enqueue from SQL
+//!
+//! The migration (and `sql/schema.sql`) also installs the function `outbox_enqueue(topic
+//! text, key text, payload bytea, headers jsonb DEFAULT '{}') RETURNS uuid` in the store's
+//! schema (named after the outbox table: `<table>_enqueue`), so that applications in any
+//! language enqueue with one statement in their own transaction, for example
+//! `SELECT outbox_enqueue('orders', 'order-42', convert_to('{"state":"placed"}', 'UTF8'))`.
+//! It does what [`PgStore::enqueue`] does for one message with the default [`Limits`]: the
+//! same validation (SQLSTATE 22023 for a bad message), the same partition, the same per-key
+//! advisory locks (always taken: it cannot see a Rust writer's
+//! [`key_locks`](PgStoreBuilder::key_locks) setting) and the same `NOTIFY`; it returns a
+//! UUIDv7.
+//!
 //! # Wake-ups
 //!
 //! [`Store::wake_ups`](outbox_core::Store::wake_ups) starts (on first use) a background task
@@ -89,6 +102,10 @@ use sqlx::PgPool;
 use crate::listener::Listener;
 use crate::schema::Names;
 use crate::sql::Statements;
+
+/// The store's transaction ([`Transactional::Tx`](outbox_core::Transactional::Tx)): a sqlx
+/// PostgreSQL transaction. Handlers run their queries on `&mut **tx`.
+pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
 
 /// The default schema: `public`.
 pub const DEFAULT_SCHEMA: &str = "public";

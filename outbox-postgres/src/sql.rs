@@ -190,28 +190,8 @@ impl Statements {
         Statements {
             enqueue: fill(enqueue()),
             claim: [fill(claim(false)), fill(claim(true))],
-            ack: fill(format!(
-                "WITH {},
-done AS (
-    UPDATE {{OUTBOX}} m SET published_at = now()
-    WHERE m.id = ANY($4::uuid[])
-      AND m.partition = ANY($2::int4[])
-      AND m.published_at IS NULL AND m.dead_at IS NULL
-      AND (SELECT ok FROM fence)
-    RETURNING 1
-)
-SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked",
-                fence("FOR SHARE")
-            )),
-            fail: fill(format!(
-                "WITH {},
-f AS ({}),
-done AS ({})
-SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked",
-                fence("FOR SHARE"),
-                failures(4),
-                mark_failed("$4")
-            )),
+            ack: fill(ack()),
+            fail: fill(fail()),
             release: fill(
                 "UPDATE {PARTITIONS} p SET owner = NULL, lease_until = now()
 FROM unnest($2::int4[], $3::int8[]) AS l(partition, token)
@@ -219,70 +199,23 @@ WHERE p.partition = l.partition AND p.token = l.token AND p.owner = $1"
                     .to_string(),
             ),
             settle: fill(settle()),
-            purge: fill(
-                "DELETE FROM {OUTBOX} WHERE seq IN (
-    SELECT seq FROM {OUTBOX}
-    WHERE published_at IS NOT NULL
-      AND published_at < now() - $1::int8 * interval '1 microsecond'
-    ORDER BY published_at
-    LIMIT $2
-)"
-                .to_string(),
-            ),
+            purge: fill(purge()),
             stats: fill(stats()),
             record: fill(
                 "INSERT INTO {INBOX} (consumer, message_id) VALUES ($1, $2)
 ON CONFLICT (consumer, message_id) DO NOTHING"
                     .to_string(),
             ),
-            purge_inbox: fill(
-                "DELETE FROM {INBOX} WHERE (consumer, message_id) IN (
-    SELECT consumer, message_id FROM {INBOX}
-    WHERE created_at < now() - $1::int8 * interval '1 microsecond'
-    LIMIT $2
-)"
-                .to_string(),
-            ),
-            list_dead: fill(format!(
-                "SELECT {MESSAGE_COLUMNS}, m.dead_at,
-       (SELECT count(*) FROM {{OUTBOX}} o
-        WHERE o.partition = m.partition AND o.key = m.key AND o.seq > m.seq
-          AND o.published_at IS NULL AND o.dead_at IS NULL) AS held_back
-FROM {{OUTBOX}} m
-WHERE m.dead_at IS NOT NULL AND m.published_at IS NULL
-  AND ($1::text IS NULL OR m.topic = $1)
-ORDER BY m.seq
-LIMIT $2"
-            )),
+            purge_inbox: fill(purge_inbox()),
+            list_dead: fill(list_dead()),
             requeue: fill(requeue("id = ANY($1::uuid[])")),
             requeue_topic: fill(requeue("topic = $1")),
             delete_dead: fill(
                 "DELETE FROM {OUTBOX} WHERE id = ANY($1::uuid[]) AND dead_at IS NOT NULL"
                     .to_string(),
             ),
-            topic_stats: fill(
-                "SELECT topic,
-       count(*) FILTER (WHERE published_at IS NULL AND dead_at IS NULL) AS pending,
-       count(*) FILTER (WHERE dead_at IS NOT NULL AND published_at IS NULL) AS dead,
-       count(*) FILTER (WHERE published_at IS NOT NULL) AS published,
-       (extract(epoch FROM now() - min(created_at)
-            FILTER (WHERE published_at IS NULL AND dead_at IS NULL)) * 1000000)::int8
-           AS oldest_age_us
-FROM {OUTBOX}
-GROUP BY topic
-ORDER BY topic"
-                    .to_string(),
-            ),
-            partitions: fill(
-                "SELECT p.partition, p.owner, p.token, p.lease_until,
-       (extract(epoch FROM p.lease_until - now()) * 1000000)::int8 AS lease_left_us,
-       (SELECT count(*) FROM {OUTBOX} m
-        WHERE m.partition = p.partition AND m.published_at IS NULL AND m.dead_at IS NULL)
-           AS pending
-FROM {PARTITIONS} p
-ORDER BY p.partition"
-                    .to_string(),
-            ),
+            topic_stats: fill(topic_stats()),
+            partitions: fill(partitions()),
             partition_check: fill(
                 "SELECT count(*), coalesce(min(partition), -1), coalesce(max(partition), -1)
 FROM {PARTITIONS}"
@@ -389,6 +322,100 @@ n AS MATERIALIZED (SELECT count(*) AS n FROM done)
 SELECT n.n, (SELECT count(*) FROM (SELECT pg_notify($2, '') WHERE n.n > 0) AS x) AS notified
 FROM n"
     )
+}
+
+/// Ack the lease's messages `$4`, fenced.
+fn ack() -> String {
+    format!(
+        "WITH {},
+done AS (
+    UPDATE {{OUTBOX}} m SET published_at = now()
+    WHERE m.id = ANY($4::uuid[])
+      AND m.partition = ANY($2::int4[])
+      AND m.published_at IS NULL AND m.dead_at IS NULL
+      AND (SELECT ok FROM fence)
+    RETURNING 1
+)
+SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked",
+        fence("FOR SHARE")
+    )
+}
+
+/// Record the failures `$4`..`$7`, fenced.
+fn fail() -> String {
+    format!(
+        "WITH {},
+f AS ({}),
+done AS ({})
+SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked",
+        fence("FOR SHARE"),
+        failures(4),
+        mark_failed("$4")
+    )
+}
+
+/// Delete up to `$2` published messages older than `$1` µs.
+fn purge() -> String {
+    "DELETE FROM {OUTBOX} WHERE seq IN (
+    SELECT seq FROM {OUTBOX}
+    WHERE published_at IS NOT NULL
+      AND published_at < now() - $1::int8 * interval '1 microsecond'
+    ORDER BY published_at
+    LIMIT $2
+)"
+    .to_string()
+}
+
+/// Delete up to `$2` inbox records older than `$1` µs.
+fn purge_inbox() -> String {
+    "DELETE FROM {INBOX} WHERE (consumer, message_id) IN (
+    SELECT consumer, message_id FROM {INBOX}
+    WHERE created_at < now() - $1::int8 * interval '1 microsecond'
+    LIMIT $2
+)"
+    .to_string()
+}
+
+/// Dead letters with what each holds back, oldest first.
+fn list_dead() -> String {
+    format!(
+        "SELECT {MESSAGE_COLUMNS}, m.dead_at,
+       (SELECT count(*) FROM {{OUTBOX}} o
+        WHERE o.partition = m.partition AND o.key = m.key AND o.seq > m.seq
+          AND o.published_at IS NULL AND o.dead_at IS NULL) AS held_back
+FROM {{OUTBOX}} m
+WHERE m.dead_at IS NOT NULL AND m.published_at IS NULL
+  AND ($1::text IS NULL OR m.topic = $1)
+ORDER BY m.seq
+LIMIT $2"
+    )
+}
+
+/// Backlog figures per topic, ages by the server's clock.
+fn topic_stats() -> String {
+    "SELECT topic,
+       count(*) FILTER (WHERE published_at IS NULL AND dead_at IS NULL) AS pending,
+       count(*) FILTER (WHERE dead_at IS NOT NULL AND published_at IS NULL) AS dead,
+       count(*) FILTER (WHERE published_at IS NOT NULL) AS published,
+       (extract(epoch FROM now() - min(created_at)
+            FILTER (WHERE published_at IS NULL AND dead_at IS NULL)) * 1000000)::int8
+           AS oldest_age_us
+FROM {OUTBOX}
+GROUP BY topic
+ORDER BY topic"
+        .to_string()
+}
+
+/// Every partition with its lease and pending count.
+fn partitions() -> String {
+    "SELECT p.partition, p.owner, p.token, p.lease_until,
+       (extract(epoch FROM p.lease_until - now()) * 1000000)::int8 AS lease_left_us,
+       (SELECT count(*) FROM {OUTBOX} m
+        WHERE m.partition = p.partition AND m.published_at IS NULL AND m.dead_at IS NULL)
+           AS pending
+FROM {PARTITIONS} p
+ORDER BY p.partition"
+        .to_string()
 }
 
 /// Fill in the table names.

@@ -60,6 +60,11 @@ use crate::listener::Listener;
 use crate::schema::Names;
 use crate::sql::Statements;
 
+/// The store's transaction ([`Transactional::Tx`](outbox_core::Transactional::Tx)): a sqlx
+/// SQLite transaction begun with `BEGIN IMMEDIATE`. Handlers run their queries on
+/// `&mut **tx`.
+pub type SqliteTx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
 /// The default table prefix: tables `outbox`, `outbox_partitions`, `outbox_inbox`.
 pub const DEFAULT_TABLE_PREFIX: &str = "outbox";
 /// The default number of key partitions: 64.

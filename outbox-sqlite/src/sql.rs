@@ -100,20 +100,7 @@ impl Statements {
                 "DELETE FROM {T} WHERE seq IN (SELECT seq FROM {T} \
                  WHERE published_at IS NOT NULL AND published_at < ?1 ORDER BY published_at LIMIT ?2)",
             ),
-            stats: fill(
-                "SELECT \
-                   coalesce(sum(published_at IS NULL AND dead_at IS NULL), 0) AS pending, \
-                   coalesce(sum(dead_at IS NOT NULL AND published_at IS NULL), 0) AS dead, \
-                   coalesce(sum(published_at IS NOT NULL), 0) AS published, \
-                   min(CASE WHEN published_at IS NULL AND dead_at IS NULL THEN created_at END) AS oldest, \
-                   (SELECT coalesce(sum((SELECT count(*) FROM {T} o INDEXED BY {PENDING_KEY} \
-                        WHERE o.partition = d.partition AND o.key = d.key AND o.seq > d.seq \
-                          AND o.published_at IS NULL AND o.dead_at IS NULL)), 0) \
-                    FROM (SELECT partition, key, min(seq) AS seq FROM {T} \
-                          WHERE dead_at IS NOT NULL AND published_at IS NULL \
-                          GROUP BY partition, key) d) AS held_back \
-                 FROM {T}",
-            ),
+            stats: fill(&stats()),
             record: fill(
                 "INSERT INTO {I} (consumer, message_id, created_at) VALUES (?1, ?2, ?3) \
                  ON CONFLICT DO NOTHING",
@@ -122,13 +109,7 @@ impl Statements {
                 "DELETE FROM {I} WHERE (consumer, message_id) IN \
                  (SELECT consumer, message_id FROM {I} WHERE created_at < ?1 LIMIT ?2)",
             ),
-            list_dead: fill(&format!(
-                "SELECT {COLUMNS}, dead_at, \
-                   (SELECT count(*) FROM {{T}} o WHERE o.partition = d.partition AND o.key = d.key \
-                      AND o.seq > d.seq AND o.published_at IS NULL AND o.dead_at IS NULL) AS held_back \
-                 FROM {{T}} d WHERE dead_at IS NOT NULL AND published_at IS NULL \
-                 AND (?1 IS NULL OR topic = ?1) ORDER BY seq LIMIT ?2"
-            )),
+            list_dead: fill(&list_dead()),
             requeue: fill(
                 "UPDATE {T} SET dead_at = NULL, attempts = 0, available_at = ?1 \
                  WHERE id IN (SELECT value FROM json_each(?2)) AND dead_at IS NOT NULL \
@@ -142,20 +123,8 @@ impl Statements {
                 "DELETE FROM {T} WHERE id IN (SELECT value FROM json_each(?1)) \
                  AND dead_at IS NOT NULL AND published_at IS NULL",
             ),
-            topic_stats: fill(
-                "SELECT topic, \
-                   coalesce(sum(published_at IS NULL AND dead_at IS NULL), 0) AS pending, \
-                   coalesce(sum(dead_at IS NOT NULL AND published_at IS NULL), 0) AS dead, \
-                   coalesce(sum(published_at IS NOT NULL), 0) AS published, \
-                   min(CASE WHEN published_at IS NULL AND dead_at IS NULL THEN created_at END) AS oldest \
-                 FROM {T} GROUP BY topic ORDER BY topic",
-            ),
-            partitions: fill(
-                "SELECT p.partition, p.owner, p.token, p.lease_until, \
-                   (SELECT count(*) FROM {T} o INDEXED BY {PENDING} WHERE o.partition = p.partition \
-                      AND o.published_at IS NULL AND o.dead_at IS NULL) AS pending \
-                 FROM {P} p ORDER BY p.partition",
-            ),
+            topic_stats: fill(&topic_stats()),
+            partitions: fill(&partitions()),
         }
     }
 
@@ -212,6 +181,51 @@ fn candidates_template(strict: bool) -> String {
          ORDER BY p.claimed_at, p.partition LIMIT ?2",
         ready(strict)
     )
+}
+
+/// Backlog counts, the oldest pending time, and what dead letters hold back (counted from the dead side: dead letters are few).
+fn stats() -> String {
+    "SELECT \
+                   coalesce(sum(published_at IS NULL AND dead_at IS NULL), 0) AS pending, \
+                   coalesce(sum(dead_at IS NOT NULL AND published_at IS NULL), 0) AS dead, \
+                   coalesce(sum(published_at IS NOT NULL), 0) AS published, \
+                   min(CASE WHEN published_at IS NULL AND dead_at IS NULL THEN created_at END) AS oldest, \
+                   (SELECT coalesce(sum((SELECT count(*) FROM {T} o INDEXED BY {PENDING_KEY} \
+                        WHERE o.partition = d.partition AND o.key = d.key AND o.seq > d.seq \
+                          AND o.published_at IS NULL AND o.dead_at IS NULL)), 0) \
+                    FROM (SELECT partition, key, min(seq) AS seq FROM {T} \
+                          WHERE dead_at IS NOT NULL AND published_at IS NULL \
+                          GROUP BY partition, key) d) AS held_back \
+                 FROM {T}".to_string()
+}
+
+/// Dead letters with what each holds back, oldest first.
+fn list_dead() -> String {
+    format!(
+        "SELECT {COLUMNS}, dead_at, \
+                   (SELECT count(*) FROM {{T}} o WHERE o.partition = d.partition AND o.key = d.key \
+                      AND o.seq > d.seq AND o.published_at IS NULL AND o.dead_at IS NULL) AS held_back \
+                 FROM {{T}} d WHERE dead_at IS NOT NULL AND published_at IS NULL \
+                 AND (?1 IS NULL OR topic = ?1) ORDER BY seq LIMIT ?2"
+    )
+}
+
+/// Backlog figures per topic.
+fn topic_stats() -> String {
+    "SELECT topic, \
+                   coalesce(sum(published_at IS NULL AND dead_at IS NULL), 0) AS pending, \
+                   coalesce(sum(dead_at IS NOT NULL AND published_at IS NULL), 0) AS dead, \
+                   coalesce(sum(published_at IS NOT NULL), 0) AS published, \
+                   min(CASE WHEN published_at IS NULL AND dead_at IS NULL THEN created_at END) AS oldest \
+                 FROM {T} GROUP BY topic ORDER BY topic".to_string()
+}
+
+/// Every partition with its lease and pending count.
+fn partitions() -> String {
+    "SELECT p.partition, p.owner, p.token, p.lease_until, \
+                   (SELECT count(*) FROM {T} o INDEXED BY {PENDING} WHERE o.partition = p.partition \
+                      AND o.published_at IS NULL AND o.dead_at IS NULL) AS pending \
+                 FROM {P} p ORDER BY p.partition".to_string()
 }
 
 /// Replace the placeholders with the (validated, quoted) names.

@@ -120,6 +120,8 @@ impl SqliteStore {
         conn: &mut SqliteConnection,
         messages: &[NewMessage],
     ) -> Result<Vec<MessageId>> {
+        // Feature `otel`: the current span's trace context travels as headers.
+        let messages: &[NewMessage] = &outbox_core::trace::with_current_context(messages);
         if !conn.is_in_transaction() {
             return Err(Error::new(
                 ErrorKind::NotInTransaction,
@@ -449,12 +451,16 @@ impl Store for SqliteStore {
     }
 
     /// Ack, fail and release in one `BEGIN IMMEDIATE` transaction: one write lock per batch.
+    /// With nothing to mark it is a plain release, which is not fenced (as `release`).
     async fn settle(
         &self,
         lease: &Lease,
         published: &[MessageId],
         failures: &[Failure],
     ) -> Result<()> {
+        if published.is_empty() && failures.is_empty() {
+            return self.release(lease).await;
+        }
         self.fenced(lease, published, failures, true).await
     }
 

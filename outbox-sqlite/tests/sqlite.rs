@@ -80,13 +80,17 @@ async fn a_partition_count_that_differs_from_the_database_is_refused() {
         .unwrap();
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(err.to_string().contains("64"), "{err}");
-    let err = SqliteStore::builder(pool)
-        .partitions(0)
-        .build()
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(err.kind(), ErrorKind::Config);
+    // A count no store accepts is bad input, refused before any SQL runs (as every store's
+    // builder does); a count that differs from the database's is a configuration error.
+    for bad in [0, outbox_sqlite::MAX_PARTITIONS + 1] {
+        let err = SqliteStore::builder(pool.clone())
+            .partitions(bad)
+            .build()
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{bad}: {err}");
+    }
 }
 
 #[tokio::test]
