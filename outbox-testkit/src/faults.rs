@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -18,7 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{Notify, watch};
 
-use crate::history::{Event, History};
+use crate::history::{Content, Event, History};
 
 /// The calls faults can hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -230,17 +230,31 @@ fn after<T>(fault: Option<Fault>, op: Op, result: Result<T>) -> Result<T> {
     }
 }
 
-/// A store that injects the faults of a [`FaultPlan`].
+/// A store that injects the faults of a [`FaultPlan`], and records in a [`History`] what the
+/// store accepted: the messages its claims handed out, acks and failures.
 #[derive(Clone)]
 pub struct FaultyStore<S> {
     inner: S,
     plan: FaultPlan,
+    history: Option<Arc<History>>,
 }
 
 impl<S: Store> FaultyStore<S> {
     /// Wrap `inner`.
     pub fn new(inner: S, plan: FaultPlan) -> Self {
-        FaultyStore { inner, plan }
+        FaultyStore {
+            inner,
+            plan,
+            history: None,
+        }
+    }
+    /// Record every message a claim hands out ([`Event::Claimed`]) and every ack and failure
+    /// the inner store accepted ([`Event::Acked`], [`Event::Failed`], stamped with the start
+    /// of the call), even when a fault then hides the success from the caller. The checker
+    /// uses them for G6 and to tell early claims.
+    pub fn with_history(mut self, history: Arc<History>) -> Self {
+        self.history = Some(history);
+        self
     }
     /// The wrapped store.
     pub fn get_ref(&self) -> &S {
@@ -256,15 +270,45 @@ impl<S: Store> FaultyStore<S> {
 impl<S: Store> Store for FaultyStore<S> {
     async fn claim(&self, request: &ClaimRequest) -> Result<Option<Claim>> {
         let f = self.plan.before(Op::Claim, None).await?;
-        after(f, Op::Claim, self.inner.claim(request).await)
+        let claimed = self.inner.claim(request).await;
+        if let (Some(h), Ok(Some(c))) = (&self.history, &claimed) {
+            for m in &c.messages {
+                h.record(Event::Claimed {
+                    id: m.id,
+                    attempts: m.attempts,
+                });
+            }
+        }
+        after(f, Op::Claim, claimed)
     }
     async fn ack(&self, lease: &Lease, ids: &[MessageId]) -> Result<()> {
         let f = self.plan.before(Op::Ack, Some(lease.expires_at)).await?;
-        after(f, Op::Ack, self.inner.ack(lease, ids).await)
+        let started = Instant::now();
+        let acked = self.inner.ack(lease, ids).await;
+        if let (Some(h), Ok(())) = (&self.history, &acked) {
+            for id in ids {
+                h.record_at(started, Event::Acked { id: *id });
+            }
+        }
+        after(f, Op::Ack, acked)
     }
     async fn fail(&self, lease: &Lease, failures: &[Failure]) -> Result<()> {
         let f = self.plan.before(Op::Fail, Some(lease.expires_at)).await?;
-        after(f, Op::Fail, self.inner.fail(lease, failures).await)
+        let started = Instant::now();
+        let failed = self.inner.fail(lease, failures).await;
+        if let (Some(h), Ok(())) = (&self.history, &failed) {
+            for x in failures {
+                h.record_at(
+                    started,
+                    Event::Failed {
+                        id: x.id,
+                        error: x.error.clone(),
+                        retry_after: x.retry_after,
+                    },
+                );
+            }
+        }
+        after(f, Op::Fail, failed)
     }
     async fn release(&self, lease: &Lease) -> Result<()> {
         let f = self
@@ -392,7 +436,10 @@ impl Broker for FaultyBroker {
         if let Some(h) = &self.history {
             for (m, o) in messages.iter().zip(&outcomes) {
                 if o.is_ok() {
-                    h.record(Event::Published { id: m.id });
+                    h.record(Event::Published {
+                        id: m.id,
+                        content: Some(Content::of_message(m)),
+                    });
                 }
             }
         }

@@ -28,6 +28,10 @@ pub mod harness;
 pub mod history;
 pub mod memory;
 pub mod model;
+#[cfg(feature = "mongo")]
+pub mod mongo;
+#[cfg(feature = "mysql")]
+pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod proxy;
@@ -40,7 +44,7 @@ pub use faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op, OutageSwitch};
 pub use harness::{
     BrokerCapabilities, BrokerHarness, Effects, StoreCapabilities, StoreHarness, TestStore,
 };
-pub use history::{CheckOptions, Event, Guarantee, History, Violation};
+pub use history::{CheckOptions, Content, Event, Guarantee, History, Violation, ViolationKind};
 pub use suites::{SuiteReport, run_broker_suite, run_e2e_suite, run_store_suite};
 pub use with_effects::{EffectsTable, WithEffects};
 
@@ -99,6 +103,7 @@ macro_rules! for_each_broker_scenario {
         $crate::$cb! { $($args),*, [
             delivery_carries_id_payload_and_headers,
             batch_gets_one_outcome_per_message_and_all_arrive,
+            five_thousand_confirmed_messages_arrive_unchanged,
             broker_keeps_per_key_order,
             nacked_delivery_is_redelivered,
             unsettled_delivery_is_redelivered_after_consumer_crash,
@@ -115,6 +120,7 @@ macro_rules! for_each_e2e_scenario {
         $crate::$cb! { $($args),*, [
             end_to_end_without_faults_delivers_each_message_once,
             end_to_end_effectively_once_under_faults,
+            end_to_end_delivers_5000_messages_unchanged_in_key_order,
             poison_message_is_dead_lettered_end_to_end
         ] }
     };
@@ -195,9 +201,10 @@ macro_rules! e2e_suite {
     };
 }
 
-/// Register the model-based test (random histories of enqueues, rollbacks, relay steps,
-/// crashes, broker faults and consumption, shrunk on failure) for a store harness. The case
-/// count comes from `OUTBOX_TEST_MODEL_CASES` (default 64).
+/// Register the model-based test (random histories of enqueues, delayed enqueues, rollbacks,
+/// relay steps, crashes, broker faults, consumption, poison messages, purges, requeues and
+/// deletions of dead letters, shrunk on failure) for a store harness. The case count comes
+/// from `OUTBOX_TEST_MODEL_CASES` (default 64).
 #[macro_export]
 macro_rules! model_suite {
     ($make:path) => {

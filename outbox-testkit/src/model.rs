@@ -1,23 +1,43 @@
-//! Model-based testing of the whole outbox: proptest generates histories of enqueues,
-//! rollbacks, relay steps (with injected faults and crashes), lease expiries and consumption
-//! (with consumer crashes), runs them against a store, then heals, drains, and checks the
-//! history against the reference model (G1–G5). A failure shrinks to a short step list.
+//! Model-based testing of the whole outbox: proptest generates histories of enqueues (some
+//! delayed), rollbacks, relay steps (with injected faults and crashes), lease expiries,
+//! consumption (with consumer crashes), poison messages the broker rejects (dead-lettered by
+//! a permanent error or after the last attempt), purges, and an operator's requeues and
+//! deletions of dead letters. It runs them against a store, then heals, drains, and checks the
+//! history against the rules of the reference model (G1–G6 and early delivery). A failure
+//! shrinks to a short step list.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
+use chrono::Utc;
 use outbox_core::memory::{MemoryBroker, MemorySubscriber};
-use outbox_core::{Delivery, NewMessage, Relay, RetryPolicy, Seen, Store, Subscriber};
+use outbox_core::{
+    Broker, DeadLetters, Delivery, Error, Message, MessageId, Relay, Result as CoreResult,
+    RetryPolicy, Seen, Store, Subscriber,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use crate::faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op};
 use crate::harness::{Effects, StoreHarness};
-use crate::history::{CheckOptions, Event, History};
+use crate::history::{
+    CheckOptions, DUE_SLACK, Event, Guarantee, History, Violation, ViolationKind,
+};
+use crate::suites::util::{msg, write};
 
 const LEASE: Duration = Duration::from_millis(100);
 const RELAYS: usize = 2;
 const KEYS: u8 = 6;
+const TOPIC: &str = "model";
+
+/// The model relays' `max_attempts`: a message failing this often is dead-lettered.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// The model relays' retry delay after every failed attempt (no jitter): long enough that a
+/// store handing a failed message out again at once is seen to be early.
+pub const RETRY_DELAY: Duration = Duration::from_millis(15);
 
 /// A fault injected into one relay step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +68,14 @@ pub enum Step {
         /// Messages in the transaction.
         count: u8,
     },
+    /// Enqueue one message for `key`, available `delay_ms` milliseconds from now, and
+    /// commit. Later messages of the key wait behind it.
+    CommitDelayed {
+        /// Key index.
+        key: u8,
+        /// The delay, in milliseconds.
+        delay_ms: u8,
+    },
     /// Enqueue one message for `key` and roll back.
     Rollback {
         /// Key index.
@@ -70,6 +98,32 @@ pub enum Step {
         /// Crash before the last ack.
         crash: bool,
     },
+    /// The broker rejects the next message of `key` it is given, every time, until an
+    /// operator requeues it: permanently (dead-lettered at once) or transiently
+    /// (dead-lettered after [`MAX_ATTEMPTS`]).
+    Poison {
+        /// Key index.
+        key: u8,
+        /// Reject with a permanent error.
+        permanent: bool,
+    },
+    /// Purge published messages older than `retention_ms`, at most `limit`.
+    Purge {
+        /// The retention, in milliseconds.
+        retention_ms: u8,
+        /// Most messages to delete.
+        limit: u8,
+    },
+    /// An operator requeues one of the dead letters (`pick` modulo their number), if any.
+    Requeue {
+        /// Which dead letter.
+        pick: u8,
+    },
+    /// An operator deletes one of the dead letters (`pick` modulo their number), if any.
+    DeleteDead {
+        /// Which dead letter.
+        pick: u8,
+    },
 }
 
 fn step_fault() -> impl Strategy<Value = StepFault> {
@@ -88,11 +142,18 @@ fn step_fault() -> impl Strategy<Value = StepFault> {
 pub fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => (0..KEYS, 1..4u8).prop_map(|(key, count)| Step::Commit { key, count }),
+        1 => (0..KEYS, prop_oneof![Just(20u8), Just(40u8)])
+            .prop_map(|(key, delay_ms)| Step::CommitDelayed { key, delay_ms }),
         1 => (0..KEYS).prop_map(|key| Step::Rollback { key }),
         4 => (0..RELAYS as u8).prop_map(|relay| Step::Tick { relay, fault: None }),
         2 => (0..RELAYS as u8, step_fault()).prop_map(|(relay, f)| Step::Tick { relay, fault: Some(f) }),
         1 => Just(Step::ExpireLeases),
         3 => (1..6u8, any::<bool>()).prop_map(|(n, crash)| Step::Consume { n, crash }),
+        1 => (0..KEYS, any::<bool>()).prop_map(|(key, permanent)| Step::Poison { key, permanent }),
+        1 => (prop_oneof![Just(0u8), Just(30u8)], prop_oneof![Just(1u8), Just(100u8)])
+            .prop_map(|(retention_ms, limit)| Step::Purge { retention_ms, limit }),
+        1 => any::<u8>().prop_map(|pick| Step::Requeue { pick }),
+        1 => any::<u8>().prop_map(|pick| Step::DeleteDead { pick }),
     ]
 }
 
@@ -108,6 +169,62 @@ struct RelaySlot {
     relay: Relay,
     store_plan: FaultPlan,
     broker_plan: FaultPlan,
+}
+
+/// The model's broker: the in-memory one, except for poisoned messages, which it rejects.
+#[derive(Clone, Default)]
+struct PoisonBroker {
+    inner: MemoryBroker,
+    poison: Arc<Mutex<Poison>>,
+}
+
+#[derive(Default)]
+struct Poison {
+    /// Keys whose next message becomes poison: permanent or not.
+    next: HashMap<String, bool>,
+    /// Poisoned messages: permanent or not.
+    messages: HashMap<MessageId, bool>,
+}
+
+impl PoisonBroker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Poison> {
+        self.poison.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Broker for PoisonBroker {
+    async fn publish(&self, messages: &[Message]) -> Vec<CoreResult<()>> {
+        let verdicts: Vec<Option<bool>> = {
+            let mut p = self.lock();
+            messages
+                .iter()
+                .map(|m| {
+                    if let Some(permanent) = p.next.remove(&m.key) {
+                        p.messages.insert(m.id, permanent);
+                    }
+                    p.messages.get(&m.id).copied()
+                })
+                .collect()
+        };
+        let pass: Vec<Message> = messages
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| v.is_none())
+            .map(|(m, _)| m.clone())
+            .collect();
+        let mut outcomes = self.inner.publish(&pass).await.into_iter();
+        verdicts
+            .iter()
+            .map(|v| match v {
+                Some(true) => Err(Error::permanent("model poison: rejected for good")),
+                Some(false) => Err(Error::transient("model poison: rejected this time")),
+                None => outcomes
+                    .next()
+                    .unwrap_or_else(|| Err(Error::transient("missing outcome"))),
+            })
+            .collect()
+    }
 }
 
 /// Run `cases` generated histories against `harness` on runtime `rt`; panics with the
@@ -134,9 +251,8 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
         .fresh(4)
         .await
         .map_err(|e| format!("fresh store: {e}"))?;
-    let broker = MemoryBroker::new();
-    let topic = "model";
-    let mut sub: MemorySubscriber = broker.subscribe("consumer", &[topic]);
+    let broker = PoisonBroker::default();
+    let mut sub: MemorySubscriber = broker.inner.subscribe("consumer", &[TOPIC]);
     let history = Arc::new(History::new());
     let mut seq = 0usize;
     let slots: Vec<RelaySlot> = (0..RELAYS)
@@ -144,7 +260,10 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
             let store_plan = FaultPlan::none();
             let broker_plan = FaultPlan::none();
             let relay = Relay::builder(
-                Arc::new(FaultyStore::new(store.clone(), store_plan.clone())),
+                Arc::new(
+                    FaultyStore::new(store.clone(), store_plan.clone())
+                        .with_history(history.clone()),
+                ),
                 Arc::new(
                     FaultyBroker::new(Arc::new(broker.clone()), broker_plan.clone())
                         .with_history(history.clone()),
@@ -155,11 +274,11 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
             .partitions_per_claim(2)
             .lease(LEASE)
             .retry(RetryPolicy {
-                initial: Duration::from_millis(1),
-                max: Duration::from_millis(5),
-                multiplier: 2.0,
+                initial: RETRY_DELAY,
+                max: RETRY_DELAY,
+                multiplier: 1.0,
                 jitter: 0.0,
-                max_attempts: 1_000,
+                max_attempts: MAX_ATTEMPTS,
             })
             .retention(None)
             .build()
@@ -172,23 +291,32 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
         })
         .collect();
     let mut faulted = false;
+    let mut last_purge = Instant::now();
     for step in steps {
         match *step {
             Step::Commit { key, count } => {
-                let msgs: Vec<NewMessage> = (0..count)
+                let msgs: Vec<_> = (0..count)
                     .map(|_| {
                         seq += 1;
-                        NewMessage::new(topic, format!("k{key}"), seq.to_string().into_bytes())
+                        msg(TOPIC, &format!("k{key}"), seq)
                     })
                     .collect();
-                crate::suites::util::write(&store, &history, &msgs, true)
+                write(&store, &history, &msgs, true)
+                    .await
+                    .map_err(|v| v.to_string())?;
+            }
+            Step::CommitDelayed { key, delay_ms } => {
+                seq += 1;
+                let at = Utc::now() + chrono::TimeDelta::milliseconds(i64::from(delay_ms));
+                let m = msg(TOPIC, &format!("k{key}"), seq).available_at(at);
+                write(&store, &history, &[m], true)
                     .await
                     .map_err(|v| v.to_string())?;
             }
             Step::Rollback { key } => {
                 seq += 1;
-                let m = NewMessage::new(topic, format!("k{key}"), seq.to_string().into_bytes());
-                crate::suites::util::write(&store, &history, &[m], false)
+                let m = msg(TOPIC, &format!("k{key}"), seq);
+                write(&store, &history, &[m], false)
                     .await
                     .map_err(|v| v.to_string())?;
             }
@@ -241,25 +369,91 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
                     consume(&store, d, &history, crash_now).await?;
                 }
             }
+            Step::Poison { key, permanent } => {
+                broker.lock().next.insert(format!("k{key}"), permanent);
+            }
+            Step::Purge {
+                retention_ms,
+                limit,
+            } => {
+                purge(
+                    &store,
+                    &history,
+                    Duration::from_millis(u64::from(retention_ms)),
+                    usize::from(limit),
+                    last_purge,
+                )
+                .await?;
+                last_purge = Instant::now();
+            }
+            Step::Requeue { pick } => {
+                if let Some(id) = pick_dead(&store, pick).await? {
+                    let n = store
+                        .requeue(&[id])
+                        .await
+                        .map_err(|e| format!("requeue: {e}"))?;
+                    if n != 1 {
+                        return Err(Violation::new(
+                            Guarantee::Contract,
+                            format!("requeue of the listed dead letter {id} reported {n}"),
+                        )
+                        .to_string());
+                    }
+                    history.record(Event::Requeued { id });
+                    broker.lock().messages.remove(&id);
+                }
+            }
+            Step::DeleteDead { pick } => {
+                if let Some(id) = pick_dead(&store, pick).await? {
+                    let n = store
+                        .delete_dead(&[id])
+                        .await
+                        .map_err(|e| format!("delete_dead: {e}"))?;
+                    if n != 1 {
+                        return Err(Violation::new(
+                            Guarantee::Contract,
+                            format!("delete_dead of the listed dead letter {id} reported {n}"),
+                        )
+                        .to_string());
+                    }
+                    history.record(Event::DeletedDead { id });
+                }
+            }
         }
     }
-    // Heal: drain with relay 0 (leases of crashed relays expire), then consume everything.
+    // Heal: drain with relay 0 (leases of crashed relays expire; delayed and backing-off
+    // messages come due; poison is dead-lettered), then consume everything. A message that
+    // should be dead but comes back is named (G6) at once, not after the deadline.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let _ = slots[0].relay.run_once().await;
+        history
+            .check_so_far(Some(MAX_ATTEMPTS))
+            .map_err(|v| v.to_string())?;
         if store.stats().await.map(|s| s.pending == 0).unwrap_or(false) {
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "G7 liveness: backlog not drained after healing; steps: {steps:?}"
-            ));
+            let stats = store.stats().await.map_err(|e| format!("stats: {e}"))?;
+            return Err(Violation::new(
+                Guarantee::Liveness,
+                format!(
+                    "backlog not drained 20 s after healing: {} pending, {} dead",
+                    stats.pending, stats.dead
+                ),
+            )
+            .to_string());
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     while let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(20), sub.next()).await {
         consume(&store, d, &history, false).await?;
     }
+    let dead = store
+        .list_dead(Some(TOPIC), 1000)
+        .await
+        .map_err(|e| format!("list_dead: {e}"))?;
+    history.dead_letters_listed(&dead);
     let lost_leases = slots.iter().any(|s| s.relay.stats().leases_lost > 0);
     let effects = store
         .effects("model")
@@ -271,6 +465,7 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
                 faults: faulted || lost_leases,
                 ordered: true,
                 deliveries: true,
+                max_attempts: Some(MAX_ATTEMPTS),
             },
             Some(&effects),
         )
@@ -280,6 +475,80 @@ pub async fn run_case<H: StoreHarness>(harness: &H, steps: &[Step]) -> Result<()
                 .collect::<Vec<_>>()
                 .join("\n")
         })
+}
+
+/// Purge, and check what a purge may do beyond keeping pending and dead messages (which the
+/// history check sees as loss): delete at most `limit`, and keep every message first acked
+/// within the retention (and since the last purge, which may have had a shorter one).
+async fn purge<S: Store>(
+    store: &S,
+    history: &History,
+    retention: Duration,
+    limit: usize,
+    last_purge: Instant,
+) -> Result<(), String> {
+    let before = store.stats().await.map_err(|e| format!("stats: {e}"))?;
+    let n = store
+        .purge(retention, limit)
+        .await
+        .map_err(|e| format!("purge: {e}"))?;
+    let ended = Instant::now();
+    let after = store.stats().await.map_err(|e| format!("stats: {e}"))?;
+    if after.pending < before.pending || after.dead < before.dead {
+        return Err(Violation::named(
+            Guarantee::NoLoss,
+            ViolationKind::Lost,
+            format!(
+                "purge (older than {retention:?}) deleted messages that were not published: \
+                 pending {} -> {}, dead {} -> {}",
+                before.pending, after.pending, before.dead, after.dead
+            ),
+        )
+        .to_string());
+    }
+    if n > limit as u64 {
+        return Err(Violation::new(
+            Guarantee::Contract,
+            format!("purge with limit {limit} deleted {n}"),
+        )
+        .to_string());
+    }
+    let Some(since) = ended.checked_sub(retention) else {
+        return Ok(());
+    };
+    let young = history.first_acked_since((since + DUE_SLACK).max(last_purge));
+    if after.published < young.len() as u64 {
+        return Err(Violation::new(
+            Guarantee::Contract,
+            format!(
+                "purge (older than {retention:?}, limit {limit}) deleted {n}; afterwards the \
+                 store counts {} published, but {} message(s) were first acked within the \
+                 retention: {young:?}",
+                after.published,
+                young.len()
+            ),
+        )
+        .to_string());
+    }
+    Ok(())
+}
+
+/// The dead letter an operator picks, if there are any.
+async fn pick_dead<S: DeadLetters>(store: &S, pick: u8) -> Result<Option<MessageId>, String> {
+    let dead = store
+        .list_dead(Some(TOPIC), 1000)
+        .await
+        .map_err(|e| format!("list_dead: {e}"))?;
+    let ids: Vec<MessageId> = dead.iter().map(|d| d.message.id).collect();
+    let distinct: HashSet<&MessageId> = ids.iter().collect();
+    if distinct.len() != ids.len() {
+        return Err(Violation::new(
+            Guarantee::Contract,
+            format!("list_dead lists a message twice: {ids:?}"),
+        )
+        .to_string());
+    }
+    Ok((!ids.is_empty()).then(|| ids[usize::from(pick) % ids.len()]))
 }
 
 fn arm(plan: &FaultPlan, op: Op, fault: Fault) {
@@ -294,10 +563,7 @@ async fn consume<S: crate::harness::TestStore>(
     crash_before_ack: bool,
 ) -> Result<(), String> {
     let m = delivery.message().clone();
-    history.record(Event::Delivered {
-        id: m.id,
-        key: m.key.clone(),
-    });
+    history.delivered(&m);
     let mut tx = store.begin().await.map_err(|e| format!("begin: {e}"))?;
     match store
         .record(&mut tx, "model", m.id)

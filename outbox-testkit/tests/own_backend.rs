@@ -23,7 +23,7 @@ async fn my_store() -> Option<MyHarness> {
     Some(MyHarness)
 }
 
-outbox_testkit::store_suite!(my_store); // 21 conformance and fault scenarios
+outbox_testkit::store_suite!(my_store); // every conformance and fault scenario, a test each
 outbox_testkit::model_suite!(my_store); // generated histories with crashes, shrunk on failure
 outbox_testkit::e2e_suite!(my_store, outbox_testkit::memory::memory_broker);
 // README-EXAMPLE-END

@@ -4,7 +4,9 @@
 //! and [`e2e_suite!`](crate::e2e_suite), or run them all with [`run_store_suite`] and friends.
 
 pub mod broker;
+pub mod consumer;
 pub mod e2e;
+pub mod outage;
 pub mod store;
 pub mod store_rules;
 

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use chrono::Utc;
 use outbox_core::memory::MemoryBroker;
 use outbox_core::{
-    Broker, Claim, ClaimRequest, DeadLetters, Enqueue, Error, ErrorKind, Failure, Inbox, Message,
-    MessageId, NewMessage, Relay, Result as CoreResult, RetryPolicy, Seen, Store, Transactional,
+    BacklogStats, Broker, Claim, ClaimRequest, DeadLetters, Enqueue, Error, ErrorKind, Failure,
+    Inbox, Message, MessageId, NewMessage, Relay, Result as CoreResult, RetryPolicy, Seen, Store,
+    Transactional,
 };
 
 use super::util::{
@@ -18,7 +19,9 @@ use super::util::{
 };
 use crate::faults::{Fault, FaultPlan, FaultyBroker, FaultyStore, Op};
 use crate::harness::{Effects, StoreHarness};
-use crate::history::{CheckOptions, Event, Guarantee, History, Violation};
+use crate::history::{
+    CheckOptions, Content, DUE_SLACK, Event, Guarantee, History, Violation, ViolationKind,
+};
 
 pub use super::store_rules::*;
 
@@ -62,15 +65,75 @@ fn ids_of(c: &Option<Claim>) -> Vec<MessageId> {
         .unwrap_or_default()
 }
 
-/// Record the broker's log for `topic` as deliveries, in publish order.
+/// Record the broker's log for `topic` as publishes and deliveries, with their content, in
+/// publish order.
 fn record_log(history: &History, broker: &MemoryBroker, topic: &str) {
     for r in broker.published(topic) {
-        history.record(Event::Published { id: r.id });
-        history.record(Event::Delivered {
+        history.record(Event::Published {
             id: r.id,
-            key: r.key,
+            content: Some(Content::of_received(&r)),
         });
+        history.delivered(&r);
     }
+}
+
+/// `Err` naming early delivery if a claim that returned at `claimed_at` (or before) handed
+/// out `id`, due at `due`.
+fn not_early(
+    id: MessageId,
+    claimed_at: Instant,
+    due: Instant,
+    guarantee: Guarantee,
+    why: &str,
+) -> Outcome {
+    if claimed_at + DUE_SLACK < due {
+        return Err(Violation::named(
+            guarantee,
+            ViolationKind::Early,
+            format!(
+                "message {id} was claimed {:.0?} before it was due ({why})",
+                due - claimed_at
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `Err` naming G6 unless `id` is among the store's dead letters after a failure without a
+/// retry delay (`what`); says what the store shows instead.
+async fn listed_dead<S: Store + DeadLetters>(store: &S, id: MessageId, what: &str) -> Outcome {
+    let dead = store.list_dead(None, 1000).await.ctx("list_dead")?;
+    if dead.iter().any(|d| d.message.id == id) {
+        return Ok(());
+    }
+    let stats = store.stats().await.ctx("stats")?;
+    Err(Violation::named(
+        Guarantee::PoisonIsolation,
+        ViolationKind::NotDeadLettered,
+        format!(
+            "after {what}, message {id} is not among the {} dead letter(s) listed; the store \
+             counts {} pending, {} dead",
+            dead.len(),
+            stats.pending,
+            stats.dead
+        ),
+    ))
+}
+
+/// `Err` naming G1 if a purge took pending or dead messages: the counts in `before` and
+/// `after` it.
+fn purge_lost_nothing(before: &BacklogStats, after: &BacklogStats, purge: &str) -> Outcome {
+    if after.pending < before.pending || after.dead < before.dead {
+        return Err(Violation::named(
+            Guarantee::NoLoss,
+            ViolationKind::Lost,
+            format!(
+                "{purge} deleted messages that were not published: pending {} -> {}, dead {} -> {}",
+                before.pending, after.pending, before.dead, after.dead
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check(history: &History, options: CheckOptions, effects: Option<&[MessageId]>) -> Outcome {
@@ -229,7 +292,7 @@ pub async fn claims_are_exclusive_under_concurrent_relays<H: StoreHarness>(h: &H
                         }
                     }
                     Ok(None) => return Ok(got),
-                    Err(e) if e.kind() == ErrorKind::Transient => {
+                    Err(e) if e.kind().is_retryable() => {
                         tokio::time::sleep(Duration::from_millis(5)).await
                     }
                     Err(e) => return Err(e),
@@ -370,13 +433,15 @@ pub async fn failed_message_blocks_only_its_own_key<H: StoreHarness>(h: &H) -> O
     )
     .await?;
     let c = claim_some(&store, "r", Duration::from_secs(30)).await?;
+    let hour = Duration::from_secs(3600);
+    let failed_at = Instant::now();
     store
         .fail(
             &c.lease,
             &[Failure {
                 id: a[0],
                 error: "broker down".into(),
-                retry_after: Some(Duration::from_secs(3600)),
+                retry_after: Some(hour),
             }],
         )
         .await
@@ -386,6 +451,15 @@ pub async fn failed_message_blocks_only_its_own_key<H: StoreHarness>(h: &H) -> O
     let b2 = write(&store, &h0, &[msg(&t, "b", 2)], true).await?;
     let c2 = claim(&store, "r", Duration::from_secs(30)).await?;
     let got = ids_of(&c2);
+    if got.contains(&a[0]) {
+        not_early(
+            a[0],
+            Instant::now(),
+            failed_at + hour,
+            Guarantee::PoisonIsolation,
+            "it failed with a retry delay of 1 h",
+        )?;
+    }
     ensure(!got.contains(&a[1]), Guarantee::PerKeyOrder, || {
         format!(
             "message {} was claimed while the earlier message {} of its key backs off",
@@ -394,7 +468,8 @@ pub async fn failed_message_blocks_only_its_own_key<H: StoreHarness>(h: &H) -> O
     })?;
     ensure(got == b2, Guarantee::PoisonIsolation, || {
         format!(
-            "another key's message was blocked by a backing-off message: claimed {got:?}, expected {b2:?}"
+            "the claim after another key's message failed returned {got:?}; the new message of \
+             key b, {b2:?}, was not among them"
         )
     })
 }
@@ -408,13 +483,15 @@ pub async fn retry_time_and_attempts_persist_across_relay_restarts<H: StoreHarne
     let t = topic();
     let ids = write(&store, &History::new(), &[msg(&t, "k", 0)], true).await?;
     let c = claim_some(&store, "r1", Duration::from_secs(30)).await?;
+    let delay = Duration::from_millis(800);
+    let failed_at = Instant::now();
     store
         .fail(
             &c.lease,
             &[Failure {
                 id: ids[0],
                 error: "boom: broker unavailable".into(),
-                retry_after: Some(Duration::from_millis(800)),
+                retry_after: Some(delay),
             }],
         )
         .await
@@ -422,9 +499,18 @@ pub async fn retry_time_and_attempts_persist_across_relay_restarts<H: StoreHarne
     store.release(&c.lease).await.ctx("release")?;
     let restarted = h.reopen(&store).await.ctx("reopening the store")?;
     let early = claim(&restarted, "r2", Duration::from_secs(30)).await?;
-    ensure(early.is_none(), Guarantee::PoisonIsolation, || {
-        "a restarted relay got the message before its stored retry time".into()
-    })?;
+    if ids_of(&early).contains(&ids[0]) {
+        not_early(
+            ids[0],
+            Instant::now(),
+            failed_at + delay,
+            Guarantee::PoisonIsolation,
+            "a restarted relay got it before the retry delay of 800 ms stored with its failure",
+        )?;
+    }
+    if let Some(c) = &early {
+        restarted.release(&c.lease).await.ctx("release")?;
+    }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let later = claim(&restarted, "r3", Duration::from_secs(30)).await?;
     let m: Option<&Message> = later.as_ref().and_then(|c| c.messages.first());
@@ -474,12 +560,14 @@ impl Broker for RejectKey {
 }
 
 /// A message that keeps failing is retried with backoff, then dead-lettered with its last
-/// error, while other keys flow (G6).
+/// error, while other keys flow (G6). A store that does not dead-letter it (hands it out
+/// again, or lets it fail past `max_attempts`) is named at once, not after a liveness timeout;
+/// the drain's deadline comes from the retry schedule.
 pub async fn poison_message_is_dead_lettered_while_other_keys_flow<H: StoreHarness>(
     h: &H,
 ) -> Outcome {
     let store = fresh(h).await?;
-    let history = History::new();
+    let history = Arc::new(History::new());
     let t = topic();
     let poison = write(
         &store,
@@ -501,8 +589,21 @@ pub async fn poison_message_is_dead_lettered_while_other_keys_flow<H: StoreHarne
         );
     }
     let broker = MemoryBroker::new();
+    let policy = RetryPolicy {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(100),
+        multiplier: 2.0,
+        jitter: 0.0,
+        max_attempts: 3,
+    };
+    // Each poison message waits 20 + 40 ms between its three attempts; allow the whole
+    // schedule of both four times over, plus the claims of everything else (the deadline
+    // names a message that neither comes back nor dies; one that comes back is named at
+    // once).
+    let schedule: Duration = (1..policy.max_attempts).map(|a| policy.base_delay(a)).sum();
+    let within = schedule * 2 * 4 + Duration::from_secs(10);
     let relay = Relay::builder(
-        Arc::new(store.clone()),
+        Arc::new(FaultyStore::new(store.clone(), FaultPlan::none()).with_history(history.clone())),
         Arc::new(RejectKey {
             inner: Arc::new(broker.clone()),
             key: "poison".into(),
@@ -512,17 +613,49 @@ pub async fn poison_message_is_dead_lettered_while_other_keys_flow<H: StoreHarne
     .batch_size(20)
     .lease(Duration::from_secs(5))
     .poll_interval(Duration::from_millis(10))
-    .retry(RetryPolicy {
-        initial: Duration::from_millis(20),
-        max: Duration::from_millis(100),
-        multiplier: 2.0,
-        jitter: 0.0,
-        max_attempts: 3,
-    })
+    .retry(policy)
     .retention(None)
     .build()
     .ctx("relay")?;
-    drain_once(&relay, &store, "poison").await?;
+    let deadline = Instant::now() + within;
+    loop {
+        let r = relay.run_once().await;
+        history.check_so_far(Some(3))?;
+        if let Ok(r) = &r
+            && r.claimed == 0
+            && store.stats().await.map(|s| s.pending == 0).unwrap_or(false)
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            let dead = store.list_dead(Some(&t), 100).await.ctx("list_dead")?;
+            let stats = store.stats().await.ctx("stats")?;
+            let dead_ids: HashSet<MessageId> = dead.iter().map(|d| d.message.id).collect();
+            let first_dead = dead_ids.contains(&poison[0]);
+            let detail = format!(
+                "{within:?} after the start (three attempts take {schedule:?} of backoff), the \
+                 poison message is {}; the store counts {} pending, {} dead; last step {r:?}\n{}",
+                if first_dead {
+                    "dead but the backlog has not drained"
+                } else {
+                    "not dead-lettered"
+                },
+                stats.pending,
+                stats.dead,
+                history.story(poison[0])
+            );
+            return Err(if first_dead {
+                Violation::new(Guarantee::Liveness, detail)
+            } else {
+                Violation::named(
+                    Guarantee::PoisonIsolation,
+                    ViolationKind::NotDeadLettered,
+                    detail,
+                )
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let published: HashSet<MessageId> = broker.published(&t).iter().map(|r| r.id).collect();
     let missing: Vec<_> = others.iter().filter(|id| !published.contains(id)).collect();
     ensure(missing.is_empty(), Guarantee::PoisonIsolation, || {
@@ -531,13 +664,13 @@ pub async fn poison_message_is_dead_lettered_while_other_keys_flow<H: StoreHarne
             missing.len()
         )
     })?;
+    listed_dead(
+        &store,
+        poison[0],
+        "three failed attempts with max_attempts 3",
+    )
+    .await?;
     let dead = store.list_dead(Some(&t), 100).await.ctx("list_dead")?;
-    let dead_ids: HashSet<MessageId> = dead.iter().map(|d| d.message.id).collect();
-    ensure(
-        dead_ids.contains(&poison[0]),
-        Guarantee::PoisonIsolation,
-        || format!("the poison message was not dead-lettered; dead letters: {dead_ids:?}"),
-    )?;
     let first = dead
         .iter()
         .find(|d| d.message.id == poison[0])
@@ -552,8 +685,9 @@ pub async fn poison_message_is_dead_lettered_while_other_keys_flow<H: StoreHarne
         Guarantee::PoisonIsolation,
         || {
             format!(
-                "dead letter lacks attempts=3 and its last error: {:?}",
-                first.message
+                "the dead letter shows attempts {} and last error {:?} after three failures \
+                 with the error \"poison: ...\"",
+                first.message.attempts, first.message.last_error
             )
         },
     )
@@ -585,23 +719,28 @@ pub async fn purge_keeps_unpublished_dead_and_recent_rows<H: StoreHarness>(h: &H
         .await
         .ctx("fail")?;
     store.release(&c.lease).await.ctx("release")?;
+    listed_dead(&store, ids[2], "a failure without retry delay").await?;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let recent = write(&store, &hist, &[msg(&t, "recent", 0)], true).await?;
     let c = claim_some(&store, "r", Duration::from_secs(30)).await?;
     store.ack(&c.lease, &recent).await.ctx("ack")?;
     store.release(&c.lease).await.ctx("release")?;
     // The old row was published 400 ms ago, the recent one just now (by the store's clock).
+    let before = store.stats().await.ctx("stats")?;
     let purged = store
         .purge(Duration::from_millis(200), 100)
         .await
         .ctx("purge")?;
     let stats = store.stats().await.ctx("stats")?;
+    purge_lost_nothing(&before, &stats, "purge (older than 200 ms)")?;
     ensure(
-        purged == 1 && stats.pending == 1 && stats.dead == 1 && stats.published == 1,
+        purged == 1 && stats.published == 1,
         Guarantee::Contract,
         || {
             format!(
-                "purge removed {purged} row(s), left {stats:?}; expected 1 removed and one each of pending, dead, published"
+                "of two published messages, one 400 ms old and one new, purge (older than \
+                 200 ms) removed {purged} row(s) and left {} published",
+                stats.published
             )
         },
     )
@@ -629,6 +768,9 @@ pub async fn dead_letters_can_be_listed_requeued_and_deleted<H: StoreHarness>(h:
         .collect();
     store.fail(&c.lease, &failures).await.ctx("fail")?;
     store.release(&c.lease).await.ctx("release")?;
+    for id in &ids {
+        listed_dead(&store, *id, "a failure without retry delay").await?;
+    }
     let dead = store.list_dead(Some(&t), 10).await.ctx("list_dead")?;
     ensure(
         dead.len() == 2
@@ -636,21 +778,65 @@ pub async fn dead_letters_can_be_listed_requeued_and_deleted<H: StoreHarness>(h:
                 .iter()
                 .all(|d| d.message.last_error.as_deref() == Some("rejected")),
         Guarantee::Contract,
-        || format!("expected 2 dead letters with their error, got {dead:?}"),
+        || {
+            let errors: Vec<_> = dead.iter().map(|d| &d.message.last_error).collect();
+            format!(
+                "after failing 2 messages with the error \"rejected\", list_dead shows {} \
+                 with errors {errors:?}",
+                dead.len()
+            )
+        },
     )?;
     let n = store.requeue(&[ids[0]]).await.ctx("requeue")?;
     ensure(n == 1, Guarantee::Contract, || {
-        format!("requeue reported {n}")
+        format!("requeue of one dead letter reported {n}")
     })?;
     let c = claim(&store, "r", Duration::from_secs(30)).await?;
     let got: Vec<&Message> = c
         .as_ref()
         .map(|c| c.messages.iter().collect())
         .unwrap_or_default();
+    if !got.iter().any(|m| m.id == ids[0]) {
+        let still_dead = store
+            .list_dead(Some(&t), 10)
+            .await
+            .ctx("list_dead")?
+            .into_iter()
+            .find(|d| d.message.id == ids[0]);
+        return Err(Violation::named(
+            Guarantee::NoLoss,
+            ViolationKind::Lost,
+            match still_dead {
+                Some(d) => format!(
+                    "requeue reported 1, yet message {} is still a dead letter (attempts {}, \
+                     error {:?}) and the next claim returned {:?}",
+                    ids[0],
+                    d.message.attempts,
+                    d.message.last_error,
+                    got.iter().map(|m| m.id).collect::<Vec<_>>()
+                ),
+                None => format!(
+                    "requeue reported 1, yet message {} is neither a dead letter nor returned by \
+                     the next claim ({:?})",
+                    ids[0],
+                    got.iter().map(|m| m.id).collect::<Vec<_>>()
+                ),
+            },
+        ));
+    }
     ensure(
-        got.len() == 1 && got[0].id == ids[0] && got[0].attempts == 0,
+        got.len() == 1 && got[0].attempts == 0,
         Guarantee::Contract,
-        || format!("a requeued message did not come back with attempts reset: {got:?}"),
+        || {
+            format!(
+                "after the requeue the claim returned {} message(s), the requeued one with \
+                 attempts {} (it had 1)",
+                got.len(),
+                got.iter()
+                    .find(|m| m.id == ids[0])
+                    .map_or(0, |m| m.attempts)
+            )
+        },
     )?;
     if let Some(c) = &c {
         store.ack(&c.lease, &[ids[0]]).await.ctx("ack")?;
@@ -873,7 +1059,9 @@ pub async fn four_relays_with_crashes_keep_per_key_order<H: StoreHarness>(h: &H)
     );
     let make = |r: usize, generation: usize| {
         test_relay(
-            Arc::new(FaultyStore::new(store.clone(), store_plan.clone())),
+            Arc::new(
+                FaultyStore::new(store.clone(), store_plan.clone()).with_history(history.clone()),
+            ),
             Arc::new(
                 FaultyBroker::new(Arc::new(broker.clone()), broker_plan.clone())
                     .with_history(history.clone()),
@@ -925,10 +1113,7 @@ pub async fn four_relays_with_crashes_keep_per_key_order<H: StoreHarness>(h: &H)
         "backlog not drained 60 s after faults healed".into()
     })?;
     for r in broker.published(&t) {
-        history.record(Event::Delivered {
-            id: r.id,
-            key: r.key,
-        });
+        history.delivered(&r);
     }
     check(
         &history,
@@ -1018,11 +1203,9 @@ pub async fn concurrent_handlers_apply_a_message_once<H: StoreHarness>(h: &H) ->
             .await
             .map_err(|e| Violation::new(Guarantee::Contract, format!("handler task: {e}")))?;
         if let Err(e) = r {
-            ensure(
-                e.kind() == ErrorKind::Transient,
-                Guarantee::Contract,
-                || format!("a racing handler failed with a non-transient error: {e}"),
-            )?;
+            ensure(e.kind().is_retryable(), Guarantee::Contract, || {
+                format!("a racing handler failed with a non-transient error: {e}")
+            })?;
         }
     }
     let effects = effects_of(&store, "c").await?;
@@ -1089,6 +1272,8 @@ pub async fn delayed_message_waits_for_its_time<H: StoreHarness>(h: &H) -> Outco
     let store = fresh(h).await?;
     let t = topic();
     let hist = History::new();
+    let delay = Duration::from_millis(700);
+    let due = Instant::now() + delay;
     let at = Utc::now() + chrono::Duration::milliseconds(700);
     let delayed = write(
         &store,
@@ -1099,10 +1284,31 @@ pub async fn delayed_message_waits_for_its_time<H: StoreHarness>(h: &H) -> Outco
     .await?;
     let other = write(&store, &hist, &[msg(&t, "b", 0)], true).await?;
     let c = claim(&store, "r", Duration::from_secs(30)).await?;
-    ensure(ids_of(&c) == other, Guarantee::PerKeyOrder, || {
+    let got = ids_of(&c);
+    if got.contains(&delayed[0]) {
+        not_early(
+            delayed[0],
+            Instant::now(),
+            due,
+            Guarantee::Contract,
+            "enqueued with available_at 700 ms ahead",
+        )?;
+    }
+    ensure(
+        !got.contains(&delayed[1]) || got.contains(&delayed[0]),
+        Guarantee::PerKeyOrder,
+        || {
+            format!(
+                "message {} was claimed while {}, before it in its key, waits for its \
+                 available_at",
+                delayed[1], delayed[0]
+            )
+        },
+    )?;
+    ensure(got == other, Guarantee::Liveness, || {
         format!(
-            "before its time, claim returned {:?}; expected only {other:?}",
-            ids_of(&c)
+            "with one key delayed, the claim returned {got:?}; the message of the other key, \
+             {other:?}, was not among them"
         )
     })?;
     if let Some(c) = &c {
@@ -1113,7 +1319,8 @@ pub async fn delayed_message_waits_for_its_time<H: StoreHarness>(h: &H) -> Outco
     let c = claim(&store, "r", Duration::from_secs(30)).await?;
     ensure(ids_of(&c) == delayed, Guarantee::Liveness, || {
         format!(
-            "after its time, claim returned {:?}; expected {delayed:?}",
+            "200 ms after its available_at, the claim returned {:?}, not the delayed message \
+             and the one behind it, {delayed:?}",
             ids_of(&c)
         )
     })

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
 
 use crate::harness::{Effects, TestStore};
-use crate::history::{Event, Guarantee, History, Violation};
+use crate::history::{Event, Guarantee, History, Violation, ViolationKind};
 
 /// Map an unexpected store or broker error to a contract violation.
 pub(crate) trait Ctx<T> {
@@ -36,6 +36,20 @@ pub(crate) fn ensure(
         Ok(())
     } else {
         Err(Violation::new(guarantee, detail()))
+    }
+}
+
+/// Fail with a violation of `guarantee` of a named `kind` unless `cond`.
+pub(crate) fn ensure_named(
+    cond: bool,
+    guarantee: Guarantee,
+    kind: ViolationKind,
+    detail: impl FnOnce() -> String,
+) -> Result<(), Violation> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Violation::named(guarantee, kind, detail()))
     }
 }
 
@@ -81,8 +95,24 @@ pub fn relay_for(store: Arc<dyn Store>, broker: Arc<dyn Broker>, id: &str) -> Re
     .expect("test relay settings are valid")
 }
 
+/// A process-wide serial, so that no two messages the suites send carry the same content.
+static SERIAL: AtomicU64 = AtomicU64::new(0);
+
+/// A random tag of this process, so that messages of two test processes on one broker differ.
+static PROCESS: std::sync::LazyLock<u32> = std::sync::LazyLock::new(rand::random);
+
+/// A payload and header value no other message of this process (nor, very likely, of
+/// another) carries.
+pub(crate) fn unique(label: &str) -> String {
+    let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+    format!("{label}/{:08x}-{n}", *PROCESS)
+}
+
+/// Message `n` of `key`: a payload and an `x-test-serial` header that no other message of
+/// the process carries, so the checker can tell a changed or swapped payload or header.
 pub(crate) fn msg(topic: &str, key: &str, n: usize) -> NewMessage {
-    NewMessage::new(topic, key, format!("{key}#{n}").into_bytes())
+    let tag = unique(&format!("{key}#{n}"));
+    NewMessage::new(topic, key, format!("{tag} payload").into_bytes()).header("x-test-serial", tag)
 }
 
 /// Enqueue `messages` in one transaction and commit or roll back; record it in `history`.
@@ -94,14 +124,14 @@ pub(crate) async fn write<S: TestStore>(
 ) -> Result<Vec<MessageId>, Violation> {
     let mut tx = store.begin().await.ctx("begin")?;
     let ids = store.enqueue(&mut tx, messages).await.ctx("enqueue")?;
-    let pairs = ids
-        .iter()
-        .copied()
-        .zip(messages.iter().map(|m| m.key.clone()));
     if commit {
         store.commit(tx).await.ctx("commit")?;
-        history.committed(pairs);
+        history.committed_messages(&ids, messages);
     } else {
+        let pairs = ids
+            .iter()
+            .copied()
+            .zip(messages.iter().map(|m| m.key.clone()));
         store.rollback(tx).await.ctx("rollback")?;
         history.rolled_back(pairs);
     }
@@ -173,10 +203,7 @@ impl Consumer {
                     Ok(Ok(d)) => d,
                 };
                 let m = delivery.message().clone();
-                history.record(Event::Delivered {
-                    id: m.id,
-                    key: m.key.clone(),
-                });
+                history.delivered(&m);
                 if rng.random_bool(faults.crash_before_handling) {
                     history.record(Event::Fault {
                         id: Some(m.id),
