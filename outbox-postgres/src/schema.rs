@@ -74,6 +74,152 @@ CREATE TABLE IF NOT EXISTS {inbox} (
 CREATE INDEX IF NOT EXISTS {inbox_created_idx} ON {inbox} (created_at);
 "#;
 
+/// The version of the SQL enqueue function, kept as its comment: a migration that finds
+/// another comment (or no function) installs this one.
+const ROUTINES_VERSION: &str =
+    "outbox-postgres enqueue function v1: validates, partitions and locks like PgStore::enqueue";
+
+/// The SQL functions: `{hash_fn}` (FNV-1a 64) and `{enqueue_fn}` (enqueue from SQL, for
+/// applications in any language), qualified or not; `{outbox_name}` is the outbox table's bare
+/// name, `{schema_expr}` an expression giving the name of the schema the outbox table is in,
+/// `{routines_version}` the comment that marks this version.
+///
+/// `{enqueue_fn}` does what `PgStore::enqueue` does for one message with the default `Limits`
+/// and key locks on: the same validation, the same partition (`outbox_core::partition_for`),
+/// the same advisory locks (`PgStore::lock_ids` of a one-key batch), the same NOTIFY.
+const ROUTINES: &str = r#"
+-- FNV-1a, 64 bit, of `data` from state `seed` (a u64 as bigint): the hash of
+-- outbox_core::partition_for and of the advisory lock ids. The 64-bit wrapping multiply by
+-- the FNV prime 2^40 + 435 runs on two 32-bit halves, as bigint arithmetic must not overflow.
+CREATE OR REPLACE FUNCTION {hash_fn}(seed bigint, data bytea) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $outbox$
+DECLARE
+    hi bigint := (seed >> 32) & 4294967295;
+    lo bigint := seed & 4294967295;
+    p  bigint;
+BEGIN
+    FOR i IN 0 .. length(data) - 1 LOOP
+        lo := lo # get_byte(data, i);
+        p  := lo * 435;
+        hi := (hi * 435 + (p >> 32) + ((lo & 16777215) << 8)) & 4294967295;
+        lo := p & 4294967295;
+    END LOOP;
+    RETURN (hi << 32) | lo;
+END
+$outbox$;
+
+-- Enqueue one message from SQL, in the caller's transaction, as PgStore::enqueue does:
+--   SELECT outbox_enqueue('orders', 'order-42', '{"state":"placed"}'::bytea,
+--                         '{"content-type":"application/json"}');
+-- Returns the message id (a UUIDv7). Raises SQLSTATE 22023 for an invalid message.
+CREATE OR REPLACE FUNCTION {enqueue_fn}(topic text, key text, payload bytea,
+                                        headers jsonb DEFAULT '{}')
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE AS $outbox$
+#variable_conflict use_variable
+DECLARE
+    fnv_basis  constant bigint := -3750763034362895579; -- 0xcbf29ce484222325
+    nul        constant bytea := decode('00', 'hex');
+    v_schema   text := {schema_expr};
+    v_key      bytea;
+    v_name     text;
+    v_value    jsonb;
+    v_count    integer;
+    v_hash     bigint;
+    v_part     integer;
+    v_lock     bytea;
+    v_channel  text;
+    v_id       bytea;
+BEGIN
+    IF topic IS NULL OR key IS NULL OR payload IS NULL THEN
+        RAISE EXCEPTION 'outbox_enqueue: topic, key and payload must not be NULL'
+            USING ERRCODE = '22004';
+    END IF;
+    headers := coalesce(headers, '{}');
+    -- The checks of NewMessage::validate with the default Limits (NUL cannot occur in text).
+    IF topic = '' THEN
+        RAISE EXCEPTION 'outbox_enqueue: the topic is empty' USING ERRCODE = '22023';
+    END IF;
+    IF octet_length(convert_to(topic, 'UTF8')) > 255 THEN
+        RAISE EXCEPTION 'outbox_enqueue: the topic is % bytes long, over the limit of 255',
+            octet_length(convert_to(topic, 'UTF8')) USING ERRCODE = '22023';
+    END IF;
+    -- Rust's char::is_control (Cc) or char::is_whitespace (White_Space).
+    IF topic ~ '[\u0001-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]' THEN
+        RAISE EXCEPTION 'outbox_enqueue: the topic % contains whitespace or control characters',
+            to_json(topic) USING ERRCODE = '22023';
+    END IF;
+    v_key := convert_to(key, 'UTF8');
+    IF octet_length(v_key) > 1024 THEN
+        RAISE EXCEPTION 'outbox_enqueue: the key is % bytes long, over the limit of 1024',
+            octet_length(v_key) USING ERRCODE = '22023';
+    END IF;
+    IF octet_length(payload) > 4194304 THEN
+        RAISE EXCEPTION 'outbox_enqueue: the payload is % bytes, over the limit of 4194304 bytes',
+            octet_length(payload) USING ERRCODE = '22023';
+    END IF;
+    IF jsonb_typeof(headers) <> 'object' THEN
+        RAISE EXCEPTION 'outbox_enqueue: headers must be a JSON object of string values, not %',
+            jsonb_typeof(headers) USING ERRCODE = '22023';
+    END IF;
+    IF (SELECT count(*) FROM jsonb_object_keys(headers)) > 64 THEN
+        RAISE EXCEPTION 'outbox_enqueue: % headers, over the limit of 64',
+            (SELECT count(*) FROM jsonb_object_keys(headers)) USING ERRCODE = '22023';
+    END IF;
+    FOR v_name, v_value IN SELECT e.key, e.value FROM jsonb_each(headers) AS e LOOP
+        IF v_name !~ '^[!-9;-~]{1,255}$' OR lower(left(v_name, 7)) = 'outbox-' THEN
+            RAISE EXCEPTION 'outbox_enqueue: bad header name %: names are 1-255 printable ASCII characters without '':'' and must not start with "outbox-"',
+                to_json(left(v_name, 64)) USING ERRCODE = '22023';
+        END IF;
+        IF jsonb_typeof(v_value) <> 'string' THEN
+            RAISE EXCEPTION 'outbox_enqueue: the value of header % is not a string',
+                to_json(v_name) USING ERRCODE = '22023';
+        END IF;
+    END LOOP;
+
+    -- The partition: outbox_core::partition_for, the hash modulo the partition count (the
+    -- partitions are numbered 0..count-1; every store checks it at start).
+    SELECT max(p.partition) + 1 INTO v_count FROM {partitions} p;
+    IF v_count IS NULL THEN
+        RAISE EXCEPTION 'outbox_enqueue: {partitions} holds no partitions: run the migration'
+            USING ERRCODE = '55000';
+    END IF;
+    v_hash := {hash_fn}(fnv_basis, v_key);
+    v_part := mod(v_hash::numeric + CASE WHEN v_hash < 0 THEN 18446744073709551616 ELSE 0 END,
+                  v_count)::integer;
+
+    -- The locks of PgStore::lock_ids for a one-key batch: the key's stripe (partition mod 64)
+    -- shared, then the key exclusive; ids are FNV-1a over NUL-terminated parts.
+    v_lock := convert_to('outbox-postgres', 'UTF8') || nul;
+    PERFORM pg_advisory_xact_lock_shared({hash_fn}(fnv_basis, v_lock
+        || convert_to('stripe', 'UTF8') || nul || convert_to(v_schema, 'UTF8') || nul
+        || convert_to('{outbox_name}', 'UTF8') || nul || int4send(v_part % 64) || nul));
+    PERFORM pg_advisory_xact_lock({hash_fn}(fnv_basis, v_lock
+        || convert_to('key', 'UTF8') || nul || convert_to(v_schema, 'UTF8') || nul
+        || convert_to('{outbox_name}', 'UTF8') || nul || v_key || nul));
+
+    -- A UUIDv7: 48 bits of Unix milliseconds, then the random bits of a v4 with the version
+    -- set to 7 (the variant bits of the v4 are those of a v7).
+    v_id := substring(int8send(floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+         || substring(uuid_send(gen_random_uuid()) FROM 7);
+    v_id := set_byte(v_id, 6, (get_byte(v_id, 6) & 15) | 112);
+
+    INSERT INTO {outbox} (id, topic, key, payload, headers, partition)
+    VALUES (encode(v_id, 'hex')::uuid, topic, key, payload, headers, v_part);
+
+    -- The channel of PgStore::notify_channel: schema.table, or a hash of it past 63 bytes.
+    v_channel := v_schema || '.' || '{outbox_name}';
+    IF octet_length(convert_to(v_channel, 'UTF8')) > 63 THEN
+        v_channel := 'outbox_' || lpad(to_hex({hash_fn}(fnv_basis, convert_to(v_channel, 'UTF8'))), 16, '0');
+    END IF;
+    PERFORM pg_notify(v_channel, '');
+    RETURN encode(v_id, 'hex')::uuid;
+END
+$outbox$;
+
+COMMENT ON FUNCTION {enqueue_fn}(text, text, bytea, jsonb) IS '{routines_version}';
+"#;
+
 /// The header of the published plain SQL file.
 const FILE_HEADER: &str = "\
 -- outbox-postgres schema (default names, 64 partitions).
@@ -88,6 +234,12 @@ const FILE_HEADER: &str = "\
 -- change the upper bound of generate_series below to count - 1 and configure
 -- `.partitions(count)`; the count cannot change once the partitions table is filled.
 -- `PgStoreBuilder::schema_sql` renders this schema for custom names.
+--
+-- It also installs outbox_enqueue(topic, key, payload, headers), which enqueues a message from
+-- SQL in the caller's transaction exactly as PgStore::enqueue does (same validation,
+-- partition, per-key locks and NOTIFY), for applications in any language. As the file's
+-- names are unqualified, the function finds its tables through the caller's search_path:
+-- call it with the schema you applied this file in on the search_path.
 
 ";
 
@@ -163,6 +315,27 @@ impl Names {
         all
     }
 
+    /// The SQL enqueue function's name: `{outbox}_enqueue` (`outbox_enqueue` by default).
+    pub(crate) fn enqueue_fn(&self) -> String {
+        format!("{}_enqueue", self.outbox)
+    }
+
+    /// The SQL FNV-1a function's name: `{outbox}_fnv1a64`.
+    pub(crate) fn hash_fn(&self) -> String {
+        format!("{}_fnv1a64", self.outbox)
+    }
+
+    /// The SQL functions, schema-qualified with their argument types (for `to_regprocedure`).
+    fn routines(&self) -> [String; 2] {
+        [
+            format!("{}(bigint, bytea)", self.qualified(&self.hash_fn())),
+            format!(
+                "{}(text, text, bytea, jsonb)",
+                self.qualified(&self.enqueue_fn())
+            ),
+        ]
+    }
+
     /// The NOTIFY channel: `schema.outbox` when it fits Postgres's 63-byte limit, else a
     /// stable hash of it.
     pub(crate) fn channel(&self) -> String {
@@ -210,14 +383,55 @@ pub(crate) fn render(names: &Names, partitions: u32, qualify: bool) -> String {
             &index(&names.outbox, suffix),
         );
     }
-    sql.replace(
-        "{inbox_created_idx}",
-        &index(&names.inbox, INBOX_INDEX_SUFFIX),
-    )
-    .replace("{outbox}", &table(&names.outbox))
-    .replace("{partitions}", &table(&names.partitions))
-    .replace("{inbox}", &table(&names.inbox))
-    .replace("{max_partition}", &(partitions - 1).to_string())
+    let tables = sql
+        .replace(
+            "{inbox_created_idx}",
+            &index(&names.inbox, INBOX_INDEX_SUFFIX),
+        )
+        .replace("{outbox}", &table(&names.outbox))
+        .replace("{partitions}", &table(&names.partitions))
+        .replace("{inbox}", &table(&names.inbox))
+        .replace("{max_partition}", &(partitions - 1).to_string());
+    format!("{tables}{}", render_routines(names, qualify))
+}
+
+/// Render the SQL functions. Qualified (the migration), they name the configured schema;
+/// unqualified (the plain file), they find the schema of the outbox table the caller's
+/// `search_path` resolves, so the lock ids and the channel match a store configured with the
+/// schema the file was applied in.
+pub(crate) fn render_routines(names: &Names, qualify: bool) -> String {
+    let (hash_fn, enqueue_fn, partitions, outbox, schema_expr) = if qualify {
+        (
+            names.qualified(&names.hash_fn()),
+            names.qualified(&names.enqueue_fn()),
+            names.qualified(&names.partitions),
+            names.qualified(&names.outbox),
+            format!("'{}'", names.schema),
+        )
+    } else {
+        (
+            names.hash_fn(),
+            names.enqueue_fn(),
+            names.partitions.clone(),
+            names.outbox.clone(),
+            format!(
+                "(SELECT n.nspname::text FROM pg_catalog.pg_class c\n        \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace\n        \
+                 WHERE c.oid = '{}'::regclass)",
+                names.outbox
+            ),
+        )
+    };
+    // Every name was validated by `Names::new` (plain identifiers), so they are safe in SQL
+    // text, in literals too.
+    ROUTINES
+        .replace("{hash_fn}", &hash_fn)
+        .replace("{enqueue_fn}", &enqueue_fn)
+        .replace("{partitions}", &partitions)
+        .replace("{outbox}", &outbox)
+        .replace("{outbox_name}", &names.outbox)
+        .replace("{schema_expr}", &schema_expr)
+        .replace("{routines_version}", ROUTINES_VERSION)
 }
 
 /// The text of `sql/schema.sql`: default names, unqualified, 64 partitions.
@@ -261,6 +475,13 @@ pub(crate) async fn migrate(pool: &PgPool, names: &Names, partitions: u32) -> Re
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error("create the outbox tables", e))?;
+    } else if !routines_current(&mut tx, names).await? {
+        // Tables in place from an older version: add (or replace) only the functions, which
+        // locks no table.
+        sqlx::raw_sql(AssertSqlSafe(render_routines(names, true)))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error("create the outbox functions", e))?;
     }
     check_partition_rows(&mut tx, names, &statements, partitions).await?;
     tx.commit()
@@ -299,6 +520,21 @@ async fn missing_relations(conn: &mut PgConnection, names: &Names) -> Result<Vec
     .fetch_all(&mut *conn)
     .await
     .map_err(|e| db_error("look up the outbox tables", e))
+}
+
+/// Whether the SQL functions exist and are this version's (their comment says so).
+async fn routines_current(conn: &mut PgConnection, names: &Names) -> Result<bool> {
+    let [hash_fn, enqueue_fn] = names.routines();
+    sqlx::query_scalar(
+        "SELECT to_regprocedure($1) IS NOT NULL
+            AND obj_description(to_regprocedure($2), 'pg_proc') IS NOT DISTINCT FROM $3",
+    )
+    .bind(hash_fn)
+    .bind(enqueue_fn)
+    .bind(ROUTINES_VERSION)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| db_error("look up the outbox functions", e))
 }
 
 /// Check that every table and index of this version exists and the partitions table holds
@@ -396,7 +632,16 @@ mod tests {
         let names = Names::new("s", "o", "p", "i").unwrap();
         for qualify in [false, true] {
             let sql = render(&names, 8, qualify);
-            for token in ["{outbox", "{partitions}", "{inbox", "{max_partition}"] {
+            for token in [
+                "{outbox",
+                "{partitions}",
+                "{inbox",
+                "{max_partition}",
+                "{hash_fn}",
+                "{enqueue_fn}",
+                "{schema_expr}",
+                "{routines_version}",
+            ] {
                 assert!(!sql.contains(token), "{token} left in:\n{sql}");
             }
             assert!(sql.contains("generate_series(0, 7)"));
@@ -405,6 +650,11 @@ mod tests {
         assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"s\".\"o\" ("));
         assert!(sql.contains("CREATE INDEX IF NOT EXISTS \"o_ready_idx\" ON \"s\".\"o\""));
         assert!(sql.contains("\"i_created_idx\" ON \"s\".\"i\""));
+        assert!(sql.contains("CREATE OR REPLACE FUNCTION \"s\".\"o_enqueue\"(topic text"));
+        assert!(sql.contains("v_schema   text := 's';"));
+        let plain = render(&names, 8, false);
+        assert!(plain.contains("CREATE OR REPLACE FUNCTION o_enqueue(topic text"));
+        assert!(plain.contains("WHERE c.oid = 'o'::regclass"));
     }
 
     #[test]

@@ -177,6 +177,8 @@ impl PgStore {
         conn: &mut PgConnection,
         messages: &[NewMessage],
     ) -> Result<Vec<MessageId>> {
+        // Feature `otel`: the current span's trace context travels as headers.
+        let messages: &[NewMessage] = &outbox_core::trace::with_current_context(messages);
         let inner = &self.inner;
         for m in messages {
             m.validate(&inner.limits)?;

@@ -7,3 +7,4 @@ mod common;
 mod conformance;
 mod relay;
 mod schema;
+mod sql_enqueue;
