@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use outbox::memory::MemoryBroker;
+use outbox::registry::BrokerKind;
 use outbox::{Broker, Subscriber};
 
 /// A connected broker and how to subscribe to the run's topic.
@@ -28,34 +29,21 @@ pub(crate) enum BrokerSetup {
 impl BrokerSetup {
     /// Connect to the broker named by `url` and prepare `topic`.
     pub(crate) async fn connect(url: &str, topic: &str) -> Result<BrokerSetup> {
-        if url == "memory" {
-            let broker = MemoryBroker::new();
-            return Ok(BrokerSetup::Memory {
-                broker,
+        // Classified by the facade's registry; set up with the adapter crates.
+        match BrokerKind::of(url) {
+            Some(BrokerKind::Memory) => Ok(BrokerSetup::Memory {
+                broker: MemoryBroker::new(),
                 topic: topic.to_string(),
-            });
+            }),
+            Some(BrokerKind::Amqp) => amqp(url, topic).await,
+            Some(BrokerKind::Kafka) => {
+                kafka(BrokerKind::kafka_bootstrap(url).unwrap_or_default(), topic).await
+            }
+            _ => bail!(
+                "unsupported --broker {}: use memory, amqp://... or kafka://host:port",
+                outbox::redact_url(url)
+            ),
         }
-        if url.starts_with("amqp://") || url.starts_with("amqps://") {
-            let queue = format!("{topic}.consumer");
-            outbox_amqp::Topology::new("outbox")
-                .queue(
-                    outbox_amqp::QueueSpec::new(queue.clone())
-                        .bind(topic)
-                        .expires(std::time::Duration::from_secs(600)),
-                )
-                .declare(url)
-                .await?;
-            let broker = outbox_amqp::AmqpBroker::connect(url).await?;
-            return Ok(BrokerSetup::Amqp {
-                broker: Arc::new(broker),
-                url: url.to_string(),
-                queue,
-            });
-        }
-        if let Some(bootstrap) = url.strip_prefix("kafka://") {
-            return kafka(bootstrap, topic).await;
-        }
-        bail!("unsupported --broker {url:?}: use memory, amqp://... or kafka://host:port")
     }
 
     /// The broker the relays publish to.
@@ -89,6 +77,25 @@ impl BrokerSetup {
             ),
         })
     }
+}
+
+/// RabbitMQ: the exchange "outbox" and a queue bound to the topic.
+async fn amqp(url: &str, topic: &str) -> Result<BrokerSetup> {
+    let queue = format!("{topic}.consumer");
+    outbox_amqp::Topology::new("outbox")
+        .queue(
+            outbox_amqp::QueueSpec::new(queue.clone())
+                .bind(topic)
+                .expires(std::time::Duration::from_secs(600)),
+        )
+        .declare(url)
+        .await?;
+    let broker = outbox_amqp::AmqpBroker::connect(url).await?;
+    Ok(BrokerSetup::Amqp {
+        broker: Arc::new(broker),
+        url: url.to_string(),
+        queue,
+    })
 }
 
 #[cfg(feature = "kafka")]

@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use outbox::registry::StoreKind;
 use outbox::{
-    Broker, Delivery, Handled, Message, MessageId, Received, Relay, RetryPolicy, Store, Subscriber,
-    async_trait,
+    Broker, Consumer, Delivery, Handler, HandlerError, Message, MessageId, Received, Relay,
+    RetryPolicy, Store, Subscriber, Transactional, async_trait,
 };
 use outbox_testkit::{Fault, FaultPlan, FaultyBroker, Op};
 use rand::{Rng, SeedableRng};
@@ -42,6 +43,9 @@ struct Args {
     /// Consumers competing for deliveries.
     #[arg(long, default_value_t = 2)]
     consumers: usize,
+    /// Messages each consumer handles at once (never two of one order at once).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
     /// Concurrent order writers.
     #[arg(long, default_value_t = 4)]
     writers: usize,
@@ -50,8 +54,10 @@ struct Args {
     /// killed every 400 ms while it is above 0. 0 turns faults off.
     #[arg(long, default_value_t = 0.02)]
     fault_rate: f64,
-    /// Store: `sqlite` (a temporary file, the default), `sqlite://path` (a new file), or
-    /// `postgres://...` (a fresh schema in that database, dropped at the end).
+    /// Store: `sqlite` (a temporary file, the default), `sqlite://path` (a new file),
+    /// `postgres://...` (a fresh schema, dropped at the end), `mysql://...` (tables of this
+    /// run, dropped at the end) or `mongodb://...` (a replica set; a database of this run,
+    /// dropped at the end).
     #[arg(long, default_value = "sqlite")]
     store: String,
     /// Broker: `memory` (the default), `amqp://...` (RabbitMQ) or `kafka://host:port`
@@ -134,6 +140,9 @@ impl Delivery for CrashBeforeAck {
     async fn nack(self: Box<Self>, requeue: bool) -> outbox::Result<()> {
         self.0.nack(requeue).await
     }
+    fn is_stale(&self) -> bool {
+        self.0.is_stale()
+    }
 }
 
 #[tokio::main]
@@ -155,25 +164,62 @@ async fn main() -> Result<()> {
     let run_id = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
     let topic = format!("oms-orders-{run_id}");
     let broker = brokers::BrokerSetup::connect(&args.broker, &topic).await?;
-    if args.store == "sqlite" || args.store.starts_with("sqlite:") {
+    if args.store == "sqlite" {
         let (shop, dir) = open_sqlite(&args).await?;
         let ok = run(&args, shop.clone(), &broker, &topic).await;
         drop(dir);
         return finish(ok);
     }
-    if args.store.starts_with("postgres://") || args.store.starts_with("postgresql://") {
-        let shop = open_postgres(&args.store, &run_id).await?;
-        let ok = run(&args, shop.clone(), &broker, &topic).await;
-        if !args.keep {
-            shop.cleanup().await?;
+    // Classified by the facade's registry; opened with the adapter crates the example depends
+    // on (so every store works whatever features `outbox` was built with).
+    let store = args.store.as_str();
+    let Some(kind) = StoreKind::of(store) else {
+        bail!(
+            "unsupported --store {}: use sqlite, sqlite://path, postgres://..., mysql://... or \
+             mongodb://...",
+            outbox::redact_url(store)
+        );
+    };
+    match kind {
+        StoreKind::Sqlite => {
+            let (shop, dir) = open_sqlite(&args).await?;
+            let ok = run(&args, shop.clone(), &broker, &topic).await;
+            drop(dir);
+            finish(ok)
         }
-        return finish(ok);
+        StoreKind::Postgres => {
+            let shop = open_postgres(store, &run_id).await?;
+            finish_and_clean(&args, shop, &broker, &topic).await
+        }
+        StoreKind::MySql => {
+            let shop = open_mysql(store, &run_id).await?;
+            finish_and_clean(&args, shop, &broker, &topic).await
+        }
+        StoreKind::Mongo => {
+            let shop = open_mongo(store, &run_id).await?;
+            finish_and_clean(&args, shop, &broker, &topic).await
+        }
+        other => bail!(
+            "--store {} ({}) has no business tables in this example: use sqlite, \
+             sqlite://path, postgres://..., mysql://... or mongodb://...",
+            outbox::redact_url(store),
+            other.name()
+        ),
     }
-    bail!(
-        "unsupported --store {:?}: use sqlite, sqlite://path or postgres://... \
-         (MySQL and MongoDB stores are not part of this build)",
-        args.store
-    )
+}
+
+/// Run, then remove what the run created unless `--keep`.
+async fn finish_and_clean<S: Shop>(
+    args: &Args,
+    shop: S,
+    broker: &brokers::BrokerSetup,
+    topic: &str,
+) -> Result<()> {
+    let ok = run(args, shop.clone(), broker, topic).await;
+    if !args.keep {
+        shop.cleanup().await?;
+    }
+    finish(ok)
 }
 
 fn finish(ok: Result<bool>) -> Result<()> {
@@ -215,7 +261,7 @@ async fn open_postgres(url: &str, run_id: &str) -> Result<shop::postgres::PgShop
         .max_connections(16)
         .connect(url)
         .await
-        .with_context(|| format!("connecting to {url}"))?;
+        .with_context(|| format!("connecting to {}", outbox::redact_url(url)))?;
     let schema = format!("oms_{run_id}");
     let store = outbox_postgres::PgStore::builder(pool)
         .schema(schema.clone())
@@ -223,6 +269,32 @@ async fn open_postgres(url: &str, run_id: &str) -> Result<shop::postgres::PgShop
         .build()
         .await?;
     let shop = shop::postgres::PgShop { store, schema };
+    shop.setup().await?;
+    Ok(shop)
+}
+
+async fn open_mysql(url: &str, run_id: &str) -> Result<shop::mysql::MySqlShop> {
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(16)
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to {}", outbox::redact_url(url)))?;
+    let prefix = format!("oms_{run_id}");
+    let store = outbox_mysql::MySqlStore::builder(pool)
+        .table_prefix(format!("{prefix}_outbox"))
+        .migrate(true)
+        .build()
+        .await?;
+    let shop = shop::mysql::MySqlShop { store, prefix };
+    shop.setup().await?;
+    Ok(shop)
+}
+
+async fn open_mongo(url: &str, run_id: &str) -> Result<shop::mongo::MongoShop> {
+    let client = outbox_mongo::connect(url).await?;
+    let database = client.database(&format!("oms_{run_id}"));
+    let store = outbox_mongo::MongoStore::builder(database).build().await?;
+    let shop = shop::mongo::MongoShop(store);
     shop.setup().await?;
     Ok(shop)
 }
@@ -278,18 +350,31 @@ async fn run<S: Shop>(
         args.orders, args.relays, args.consumers, args.fault_rate, args.store, args.broker
     );
 
-    // Consumers.
+    // Consumers: the consumer runtime, each over a subscriber that crashes before some acks.
     let mut consumers = Vec::new();
     for c in 0..args.consumers {
-        let sub = broker.subscribe().await?;
-        consumers.push(tokio::spawn(consume(
-            shop.clone(),
-            sub,
-            topic.to_string(),
-            tracker.clone(),
-            args.fault_rate,
-            args.seed + 1000 + c as u64,
-        )));
+        let sub = Faulty {
+            inner: broker.subscribe().await?,
+            tracker: tracker.clone(),
+            crash_rate: args.fault_rate,
+            rng: rand::rngs::StdRng::seed_from_u64(args.seed + 1000 + c as u64),
+        };
+        let handler = Apply {
+            shop: shop.clone(),
+            topic: topic.to_string(),
+            tracker: tracker.clone(),
+        };
+        let consumer = Consumer::builder(shop.store().clone(), "oms", Box::new(sub), handler)
+            .concurrency(args.concurrency)
+            .retry(RetryPolicy {
+                initial: Duration::from_millis(20),
+                max: Duration::from_millis(500),
+                multiplier: 2.0,
+                jitter: 0.5,
+                max_attempts: 100,
+            })
+            .build()?;
+        consumers.push(tokio::spawn(consumer.run(std::future::pending())));
     }
 
     // Relays, and the killer that aborts one mid-flight every 400 ms.
@@ -386,7 +471,9 @@ async fn run<S: Shop>(
                 tracker.relay_kills.load(Ordering::Relaxed),
             );
         }
-        if shipped >= args.orders && backlog == 0 {
+        // The handlers' count can run ahead of the commits (a commit that failed is
+        // retried): confirm with the database.
+        if shipped >= args.orders && backlog == 0 && shop.tally().await?.shipped >= args.orders {
             break;
         }
         if Instant::now() > deadline {
@@ -490,50 +577,54 @@ async fn run<S: Shop>(
     Ok(lost == 0 && stuck == 0 && duplicate_effects == 0 && placed == args.orders)
 }
 
-async fn consume<S: Shop>(
+/// Applies a step in the consumer's transaction, counting it for the progress line (the final
+/// report reads the database).
+struct Apply<S> {
     shop: S,
-    mut sub: Box<dyn Subscriber>,
     topic: String,
     tracker: Arc<Tracker>,
-    crash_rate: f64,
-    seed: u64,
-) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    loop {
-        let delivery = match sub.next().await {
-            Ok(d) => d,
-            Err(e) if e.kind() == outbox::ErrorKind::Closed => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "receive failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let id = delivery.message().id;
-        let step = shop::parse(delivery.message()).map(|(_, s)| s).ok();
-        tracker.deliveries.fetch_add(1, Ordering::Relaxed);
-        lock(&tracker.delivered).insert(id);
-        let delivery: Box<dyn Delivery> = if rng.random_bool(crash_rate) {
-            tracker.consumer_crashes.fetch_add(1, Ordering::Relaxed);
-            Box::new(CrashBeforeAck(delivery))
-        } else {
-            delivery
-        };
-        let handled = outbox::handle(shop.store(), "oms", delivery, async |tx, msg| {
-            shop.apply(tx, &topic, msg).await
-        })
-        .await;
-        match handled {
-            Ok(Handled::Applied) => {
-                if let Some(s) = step {
-                    tracker.applied[s].fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Ok(Handled::Duplicate) => {}
-            Err(e) => {
-                tracker.handler_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "handler failed; the message is redelivered");
-            }
+}
+
+#[async_trait]
+impl<S: Shop> Handler<<S::S as Transactional>::Tx> for Apply<S> {
+    async fn handle(
+        &self,
+        tx: &mut <S::S as Transactional>::Tx,
+        msg: &Received,
+    ) -> std::result::Result<(), HandlerError> {
+        let step = shop::parse(msg).map(|(_, s)| s).ok();
+        if let Err(e) = self.shop.apply(tx, &self.topic, msg).await {
+            self.tracker.handler_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(e.into());
         }
+        if let Some(s) = step {
+            self.tracker.applied[s].fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// A subscriber that records deliveries and makes some of them "crash" after their handler
+/// committed: the ack never reaches the broker, which delivers the message again.
+struct Faulty {
+    inner: Box<dyn Subscriber>,
+    tracker: Arc<Tracker>,
+    crash_rate: f64,
+    rng: rand::rngs::StdRng,
+}
+
+#[async_trait]
+impl Subscriber for Faulty {
+    async fn next(&mut self) -> outbox::Result<Box<dyn Delivery>> {
+        let delivery = self.inner.next().await?;
+        self.tracker.deliveries.fetch_add(1, Ordering::Relaxed);
+        lock(&self.tracker.delivered).insert(delivery.message().id);
+        if self.rng.random_bool(self.crash_rate) {
+            self.tracker
+                .consumer_crashes
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Box::new(CrashBeforeAck(delivery)));
+        }
+        Ok(delivery)
     }
 }

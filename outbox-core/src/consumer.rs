@@ -567,7 +567,14 @@ async fn attempt<I: Inbox>(inner: &Shared<I>, message: &Received) -> Attempt {
         }
     }
     let started = Instant::now();
-    let handled = inner.handler.handle(&mut tx, message).await;
+    // With the `otel` feature the handler runs in a span whose parent is the producer's trace
+    // context (the message's `traceparent`); without it this is the plain call.
+    let handled = crate::trace::instrument_handler(
+        inner.handler.handle(&mut tx, message),
+        &inner.config.name,
+        message,
+    )
+    .await;
     histogram!("outbox_consumer_handler_seconds", "consumer" => inner.config.name.clone())
         .record(started.elapsed().as_secs_f64());
     if let Err(e) = handled {
