@@ -27,7 +27,7 @@ fn messages(n: usize, topic: &str) -> Vec<Message> {
     (0..n)
         .map(|i| Message {
             id: MessageId::new(),
-            seq: i as i64,
+            seq: i64::try_from(i).expect("a sequence number fits an i64"),
             topic: topic.to_string(),
             key: format!("k{i}"),
             payload: vec![b'x'; 1024].into(),

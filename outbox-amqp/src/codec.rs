@@ -43,7 +43,7 @@ pub(crate) fn properties(message: &Message) -> BasicProperties {
     let mut props = BasicProperties::default()
         .with_message_id(message.id.to_string().into())
         .with_delivery_mode(PERSISTENT)
-        .with_timestamp(message.created_at.timestamp().max(0) as u64)
+        .with_timestamp(u64::try_from(message.created_at.timestamp()).unwrap_or(0))
         .with_headers(headers);
     let content_type = message
         .headers

@@ -51,7 +51,7 @@ impl QueueSpec {
     /// Delete the queue after it has been unused (no consumer, no redeclaration) for
     /// `after` (`x-expires`). Useful for test and scratch queues.
     pub fn expires(self, after: Duration) -> Self {
-        let ms = after.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let ms = u32::try_from(after.as_millis().max(1)).unwrap_or(u32::MAX);
         self.argument("x-expires", AMQPValue::LongUInt(ms))
     }
 

@@ -199,8 +199,9 @@ pub(crate) struct GlobalArgs {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Create or upgrade the schema (tables, partitions, and on PostgreSQL the SQL function
-    /// outbox_enqueue); idempotent and safe to run from several processes at once
+    /// Create or upgrade the schema (tables, partitions, and the SQL function or stored
+    /// procedure outbox_enqueue on PostgreSQL and MySQL); idempotent and safe to run from
+    /// several processes at once
     Migrate(MigrateArgs),
     /// Run relays until SIGTERM or SIGINT, then drain (finish in-flight publishes, release
     /// leases) within --shutdown-timeout; serves /metrics, /livez and /readyz on --http

@@ -148,6 +148,13 @@ pub struct ConsumerBuilder<I: Inbox> {
     max_held_set: bool,
 }
 
+impl<I: Inbox> std::fmt::Debug for ConsumerBuilder<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerBuilder")
+            .finish_non_exhaustive()
+    }
+}
+
 impl<I: Inbox + Clone> ConsumerBuilder<I> {
     /// Handle up to `n` messages at once (default 1), never two of one key.
     pub fn concurrency(mut self, n: usize) -> Self {
@@ -320,6 +327,13 @@ struct Shared<I: Inbox> {
 pub struct Consumer<I: Inbox> {
     inner: Arc<Shared<I>>,
     subscriber: Box<dyn Subscriber>,
+}
+
+impl<I: Inbox> std::fmt::Debug for Consumer<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .finish_non_exhaustive()
+    }
 }
 
 impl<I: Inbox + Clone> Consumer<I> {

@@ -66,7 +66,7 @@ impl RetryPolicy {
     /// The delay before the attempt after `failed_attempts` failures (1 = the first failure),
     /// before jitter.
     pub fn base_delay(&self, failed_attempts: u32) -> Duration {
-        let exp = failed_attempts.saturating_sub(1).min(64) as i32;
+        let exp = i32::try_from(failed_attempts.saturating_sub(1).min(64)).unwrap_or(64);
         let secs = self.initial.as_secs_f64() * self.multiplier.powi(exp);
         if !secs.is_finite() || secs >= self.max.as_secs_f64() {
             self.max

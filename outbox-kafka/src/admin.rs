@@ -193,7 +193,7 @@ impl KafkaAdmin {
                 .topics()
                 .iter()
                 .find(|t| t.name() == topic && t.error().is_none())
-                .map(|t| t.partitions().len() as i32)
+                .map(|t| i32::try_from(t.partitions().len()).unwrap_or(i32::MAX))
                 .filter(|n| *n > 0))
         })
         .await

@@ -46,7 +46,7 @@ fn messages(topic: &str, n: usize, keys: usize) -> Vec<Message> {
             message(
                 topic,
                 &key,
-                i as i64,
+                i64::try_from(i).unwrap(),
                 format!("m{i}").into_bytes(),
                 Headers::new(),
             )

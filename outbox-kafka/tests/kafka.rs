@@ -30,7 +30,7 @@ fn payload(i: usize) -> Vec<u8> {
     if i.is_multiple_of(2) {
         format!("payload {i}: ünïcødé ✓ 漢字 🚀").into_bytes()
     } else {
-        let mut p = (i as u32).to_be_bytes().to_vec();
+        let mut p = u32::try_from(i).unwrap().to_be_bytes().to_vec();
         p.extend((0..=255u8).rev());
         p.extend([0, 0xff, 0xc3, 0x28]);
         p
@@ -53,7 +53,7 @@ async fn a_thousand_messages_arrive_intact_and_in_key_order() {
                 ("content-type", "application/octet-stream"),
                 ("trace", &format!("värde-{i} ✓")),
             ]);
-            message(&topic, key, i as i64, payload(i), h)
+            message(&topic, key, i64::try_from(i).unwrap(), payload(i), h)
         })
         .collect();
     let started = Instant::now();
@@ -879,7 +879,7 @@ async fn idle_latency(url: &str, wait_ms: u64, samples: usize) -> Duration {
             &[message(
                 &topic,
                 "k",
-                i as i64,
+                i64::try_from(i).unwrap(),
                 b"x".to_vec(),
                 Headers::new(),
             )],

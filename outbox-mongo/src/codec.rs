@@ -55,6 +55,9 @@ pub(crate) fn limit(n: usize) -> i64 {
 }
 
 /// An integer field, whichever integer type the server stored or computed it as.
+// A double from date arithmetic is an integral number of milliseconds far below 2^53, and an
+// f64 `as` i64 cast saturates rather than wraps: nothing is lost.
+#[allow(clippy::cast_possible_truncation)]
 pub(crate) fn int(doc: &Document, field: &str) -> Option<i64> {
     match doc.get(field)? {
         Bson::Int32(v) => Some(i64::from(*v)),

@@ -87,6 +87,21 @@
 //! With binary logging on, the server must log rows (`binlog_format=ROW`, the default, or
 //! `MIXED`): `build` refuses `STATEMENT`.
 //!
+//! # Enqueue from SQL
+//!
+//! The migration (and `sql/schema.sql`) also installs the stored procedure
+//! `outbox_enqueue(topic TEXT, key TEXT, payload LONGBLOB, headers LONGTEXT)` in the store's
+//! database (named after the outbox table: `<table>_enqueue`), so that applications in any
+//! language enqueue with one statement in their own transaction, for example
+//! `CALL outbox_enqueue('orders', 'order-42', '{"state":"placed"}', NULL)`. It returns one
+//! row, the message id (a UUIDv7, as text). It does what [`MySqlStore::enqueue`] does for one
+//! message with the default [`Limits`]: the same validation (SQLSTATE 22023 for a bad message,
+//! 22004 for a NULL topic, key or payload; headers are a JSON object of strings, NULL for
+//! none), the same partition and the same key lock stripe (always locked: it cannot see a
+//! Rust writer's [`key_locks`](MySqlStoreBuilder::key_locks) setting). Relays find its
+//! messages at their next poll (no wake-up crosses processes on MySQL). The outbox table's
+//! name may be at most 56 bytes long, so that the procedure's name fits MySQL's 64.
+//!
 //! # Wake-ups
 //!
 //! MySQL has no LISTEN/NOTIFY. [`Store::wake_ups`](outbox_core::Store::wake_ups) returns an
@@ -143,6 +158,7 @@
 
 mod error;
 mod listener;
+mod procedure;
 mod schema;
 mod sql;
 mod store;
@@ -315,7 +331,11 @@ impl MySqlStoreBuilder {
     pub fn schema_sql(&self) -> Result<String> {
         let names = self.names()?;
         self.check_settings()?;
-        Ok(schema::render(&names, self.partitions))
+        Ok(format!(
+            "{}{}",
+            schema::render(&names, self.partitions),
+            procedure::for_client(&names)
+        ))
     }
 
     /// Validate the configuration, check the server (version, binary log format,

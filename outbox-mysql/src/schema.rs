@@ -157,8 +157,9 @@ const FILE_HEADER: &str = "\
 -- `OUTBOX_BLESS=1 cargo test -p outbox-mysql --lib`); a test checks that it creates what
 -- `MySqlStoreBuilder::migrate(true)` creates. Do not edit by hand.
 --
--- For users who run their own migrations: it creates the tables in the current database
--- (`USE app;` first) and is idempotent. Build the store with `.migrate(false)`. To use
+-- For users who run their own migrations: it creates the tables and the stored procedure
+-- outbox_enqueue in the current database (`USE app;` first, then run it with the `mysql`
+-- client, which understands DELIMITER) and is idempotent. Build the store with `.migrate(false)`. To use
 -- another partition count, change the bound `n <= 63` below to count - 1 and configure
 -- `.partitions(count)`; the count cannot change once the partitions table is filled.
 -- `MySqlStoreBuilder::schema_sql` renders this schema for custom names.
@@ -196,6 +197,7 @@ impl Names {
                 Error::invalid(format!("the {what} name is not a plain identifier")).with_source(e)
             })?;
         }
+        crate::procedure::check_name(outbox)?;
         let mut distinct: Vec<&str> = tables.iter().map(|(_, n)| *n).collect();
         distinct.sort_unstable();
         distinct.dedup();
@@ -297,9 +299,11 @@ pub(crate) fn default_names() -> Names {
 
 /// The text of `sql/schema.sql`: default names, unqualified, 64 partitions.
 pub(crate) fn default_file() -> String {
+    let names = default_names();
     format!(
-        "{FILE_HEADER}{}",
-        render(&default_names(), crate::DEFAULT_PARTITIONS)
+        "{FILE_HEADER}{}{}",
+        render(&names, crate::DEFAULT_PARTITIONS),
+        crate::procedure::for_client(&names)
     )
 }
 
@@ -468,6 +472,7 @@ async fn migrate_locked(
             .map_err(|e| db_error("create the outbox tables", e))?;
     }
     add_missing_indexes(conn, names, database).await?;
+    crate::procedure::ensure(conn, names, database).await?;
     check_partition_rows(conn, names, partitions).await?;
     check_stripes(conn, names).await
 }

@@ -224,7 +224,13 @@ impl PgStore {
                     .map(|m| Json(&m.headers))
                     .collect::<Vec<_>>(),
             )
-            .bind(partitions.iter().map(|p| *p as i32).collect::<Vec<i32>>())
+            // Partitions are below MAX_PARTITIONS (4,096).
+            .bind(
+                partitions
+                    .iter()
+                    .map(|p| i32::try_from(*p).unwrap_or(i32::MAX))
+                    .collect::<Vec<i32>>(),
+            )
             .bind(messages.iter().map(|m| m.available_at).collect::<Vec<_>>())
             .bind(shared_locks)
             .bind(exclusive_locks)
@@ -264,7 +270,8 @@ impl PgStore {
                 bytes.extend_from_slice(part);
                 bytes.push(0);
             }
-            fnv64(&bytes) as i64
+            // Advisory lock ids are int8: the hash's bits, reinterpreted.
+            fnv64(&bytes).cast_signed()
         };
         let keys: BTreeSet<&str> = messages.iter().map(|m| m.key.as_str()).collect();
         let stripes: BTreeSet<u32> = partitions.iter().map(|p| p % LOCK_STRIPES).collect();
@@ -368,7 +375,7 @@ impl PgStore {
             return Err(conflict(lease));
         }
         let marked: i64 = row.try_get("marked").map_err(|e| db_error(what, e))?;
-        Ok(marked.max(0) as u64)
+        Ok(u64::try_from(marked).unwrap_or(0))
     }
 
     async fn requeue_with(
@@ -381,7 +388,7 @@ impl PgStore {
             .await
             .and_then(|row| row.try_get(0))
             .map_err(|e| db_error(what, e))?;
-        Ok(n.max(0) as u64)
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 }
 

@@ -74,6 +74,12 @@ pub struct FaultPlan {
     injected: Arc<AtomicU64>,
 }
 
+impl std::fmt::Debug for FaultPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultPlan").finish_non_exhaustive()
+    }
+}
+
 impl Default for FaultPlan {
     fn default() -> Self {
         Self::none()
@@ -239,6 +245,12 @@ pub struct FaultyStore<S> {
     history: Option<Arc<History>>,
 }
 
+impl<S> std::fmt::Debug for FaultyStore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyStore").finish_non_exhaustive()
+    }
+}
+
 impl<S: Store> FaultyStore<S> {
     /// Wrap `inner`.
     pub fn new(inner: S, plan: FaultPlan) -> Self {
@@ -364,6 +376,12 @@ pub struct FaultyBroker {
     plan: FaultPlan,
     history: Option<Arc<History>>,
     outage: OutageSwitch,
+}
+
+impl std::fmt::Debug for FaultyBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyBroker").finish_non_exhaustive()
+    }
 }
 
 impl FaultyBroker {

@@ -51,6 +51,13 @@ pub struct MemoryBrokerHarness {
     reject_over: usize,
 }
 
+impl std::fmt::Debug for MemoryBrokerHarness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBrokerHarness")
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for MemoryBrokerHarness {
     fn default() -> Self {
         Self::new()

@@ -29,6 +29,7 @@ use crate::suites::util::{msg, write};
 
 const LEASE: Duration = Duration::from_millis(100);
 const RELAYS: usize = 2;
+const RELAYS_U8: u8 = 2;
 const KEYS: u8 = 6;
 const TOPIC: &str = "model";
 
@@ -145,8 +146,8 @@ pub fn step() -> impl Strategy<Value = Step> {
         1 => (0..KEYS, prop_oneof![Just(20u8), Just(40u8)])
             .prop_map(|(key, delay_ms)| Step::CommitDelayed { key, delay_ms }),
         1 => (0..KEYS).prop_map(|key| Step::Rollback { key }),
-        4 => (0..RELAYS as u8).prop_map(|relay| Step::Tick { relay, fault: None }),
-        2 => (0..RELAYS as u8, step_fault()).prop_map(|(relay, f)| Step::Tick { relay, fault: Some(f) }),
+        4 => (0..RELAYS_U8).prop_map(|relay| Step::Tick { relay, fault: None }),
+        2 => (0..RELAYS_U8, step_fault()).prop_map(|(relay, f)| Step::Tick { relay, fault: Some(f) }),
         1 => Just(Step::ExpireLeases),
         3 => (1..6u8, any::<bool>()).prop_map(|(n, crash)| Step::Consume { n, crash }),
         1 => (0..KEYS, any::<bool>()).prop_map(|(key, permanent)| Step::Poison { key, permanent }),

@@ -128,6 +128,14 @@ pub struct MongoEffects {
     coll: Collection<Document>,
 }
 
+impl std::fmt::Debug for MongoEffects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoEffects")
+            .field("collection", &self.coll.name())
+            .finish_non_exhaustive()
+    }
+}
+
 impl MongoEffects {
     /// The effects collection beside `store`'s collections, created if missing (a transaction
     /// should not be the one to create it).
@@ -203,6 +211,14 @@ pub struct MongoHarness {
     url: String,
     client: Client,
     created: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for MongoHarness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoHarness")
+            .field("url", &outbox_core::redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
 }
 
 impl MongoHarness {

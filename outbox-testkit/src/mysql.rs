@@ -160,6 +160,14 @@ pub struct MySqlEffects {
     table: Arc<str>,
 }
 
+impl std::fmt::Debug for MySqlEffects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MySqlEffects")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MySqlEffects {
     /// The effects table in `store`'s database, created if missing.
     pub async fn create(store: &MySqlStore) -> Result<MySqlEffects> {
@@ -225,6 +233,14 @@ pub struct MySqlHarness {
     url: String,
     pool: MySqlPool,
     created: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for MySqlHarness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MySqlHarness")
+            .field("url", &outbox_core::redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
 }
 
 impl MySqlHarness {

@@ -132,6 +132,14 @@ pub struct PgEffects {
     table: Arc<str>,
 }
 
+impl std::fmt::Debug for PgEffects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgEffects")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
 impl PgEffects {
     /// The effects table in `store`'s schema, created if missing.
     pub async fn create(store: &PgStore) -> Result<PgEffects> {
@@ -196,6 +204,14 @@ pub struct PgHarness {
     url: String,
     pool: PgPool,
     created: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for PgHarness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgHarness")
+            .field("url", &outbox_core::redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgHarness {

@@ -48,6 +48,14 @@ pub struct FaultProxy {
     accept: JoinHandle<()>,
 }
 
+impl std::fmt::Debug for FaultProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultProxy")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl FaultProxy {
     /// Listen on a free port of 127.0.0.1 and forward to `upstream` (`host:port`).
     pub async fn start(upstream: &str) -> io::Result<FaultProxy> {

@@ -19,6 +19,15 @@ pub struct SqliteEffects {
     partitions: u32,
 }
 
+impl std::fmt::Debug for SqliteEffects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteEffects")
+            .field("url", &outbox_core::redact_url(&self.url))
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
 #[async_trait]
 impl EffectsTable<Transaction<'static, Sqlite>> for SqliteEffects {
     async fn apply(
@@ -51,7 +60,7 @@ impl EffectsTable<Transaction<'static, Sqlite>> for SqliteEffects {
 pub type TestSqliteStore = WithEffects<SqliteStore, SqliteEffects>;
 
 /// Fresh SQLite stores, one file each, in a directory removed when the harness drops.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct SqliteHarness {
     dir: Arc<tempfile::TempDir>,
 }

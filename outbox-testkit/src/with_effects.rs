@@ -33,6 +33,12 @@ pub struct WithEffects<S, E> {
     pub effects: E,
 }
 
+impl<S, E> std::fmt::Debug for WithEffects<S, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WithEffects").finish_non_exhaustive()
+    }
+}
+
 impl<S, E> WithEffects<S, E> {
     /// Pair `store` with `effects`.
     pub fn new(store: S, effects: E) -> Self {

@@ -299,7 +299,7 @@ impl Store for Broken {
             let old = |m: &Message| m.created_at < cutoff;
             let request =
                 ClaimRequest::new("purge", usize::MAX, usize::MAX, Duration::from_secs(5));
-            let mut room = limit.saturating_sub(purged as usize);
+            let mut room = limit.saturating_sub(usize::try_from(purged).unwrap_or(usize::MAX));
             if let Some(c) = self.inner.claim(&request).await? {
                 let doomed: Vec<Failure> = (c.messages.iter().filter(|m| old(m)))
                     .take(room)
@@ -396,7 +396,7 @@ impl BadBroker {
                 .rng
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .random_ratio(1, one_in as u32),
+                .random_ratio(1, u32::try_from(one_in).unwrap_or(u32::MAX)),
         };
         if picked {
             self.harmed.fetch_add(1, Ordering::Relaxed);

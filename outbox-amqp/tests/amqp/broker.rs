@@ -30,7 +30,9 @@ async fn a_batch_of_1000_is_confirmed_and_consumed_intact() {
     let topic = h.fresh_topic().await.unwrap();
     let broker = h.amqp_broker().await;
 
-    let one_mib: Vec<u8> = (0..1024 * 1024).map(|i| (i * 31 % 251) as u8).collect();
+    let one_mib: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| u8::try_from(i * 31 % 251).expect("below 251"))
+        .collect();
     let every_byte: Vec<u8> = (0..=255u8).collect();
     let batch: Vec<_> = (0..1000)
         .map(|i| {

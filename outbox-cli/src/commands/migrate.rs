@@ -28,12 +28,21 @@ pub(crate) async fn run(common: &Common, args: &MigrateArgs) -> Result<(), Failu
         .await
         .map_err(|e| Failure::call("check the schema after the migration", &e))?;
     output::line(&format!("schema in place: {schema}"));
-    if url.value.kind() == StoreKind::Postgres {
-        output::line(&format!(
-            "enqueue from SQL: SELECT \"{}\".{}_enqueue(topic, key, payload, headers)",
+    let prefix = options.table_prefix.as_deref().unwrap_or("outbox");
+    match url.value.kind() {
+        StoreKind::Postgres => output::line(&format!(
+            "enqueue from SQL: SELECT \"{}\".{prefix}_enqueue(topic, key, payload, headers)",
             options.schema.as_deref().unwrap_or("public"),
-            options.table_prefix.as_deref().unwrap_or("outbox"),
-        ));
+        )),
+        StoreKind::MySql => output::line(&format!(
+            "enqueue from SQL: CALL {}{prefix}_enqueue(topic, key, payload, headers)",
+            options
+                .schema
+                .as_deref()
+                .map(|db| format!("`{db}`."))
+                .unwrap_or_default(),
+        )),
+        _ => {}
     }
     Ok(())
 }

@@ -32,6 +32,13 @@ pub struct MemoryBroker {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for MemoryBroker {
     fn default() -> Self {
         Self::new()
@@ -143,6 +150,14 @@ pub struct MemorySubscriber {
     group: String,
 }
 
+impl std::fmt::Debug for MemorySubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemorySubscriber")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
 #[async_trait]
 impl Subscriber for MemorySubscriber {
     async fn next(&mut self) -> Result<Box<dyn Delivery>> {
@@ -173,6 +188,15 @@ pub struct MemoryDelivery {
     broker: MemoryBroker,
     group: String,
     message: Option<Received>,
+}
+
+impl std::fmt::Debug for MemoryDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryDelivery")
+            .field("group", &self.group)
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
 }
 
 #[async_trait]

@@ -62,6 +62,13 @@ pub struct MemoryStore {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -204,6 +211,14 @@ pub struct MemoryTx {
     inbox: Vec<(String, MessageId)>,
     kv: Vec<(String, Bytes)>,
     done: bool,
+}
+
+impl std::fmt::Debug for MemoryTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTx")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryTx {

@@ -121,6 +121,14 @@ pub struct RelayBuilder {
     config: RelayConfig,
 }
 
+impl std::fmt::Debug for RelayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RelayBuilder {
     /// Name the relay (lease owner, logs).
     pub fn relay_id(mut self, id: impl Into<String>) -> Self {
@@ -332,6 +340,13 @@ struct Inner {
 #[derive(Clone)]
 pub struct Relay {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .finish_non_exhaustive()
+    }
 }
 
 impl Relay {

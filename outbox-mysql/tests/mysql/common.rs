@@ -6,8 +6,8 @@ use std::time::Duration;
 use outbox_core::{ClaimRequest, MessageId, NewMessage, Transactional};
 use outbox_mysql::{MySqlStore, MySqlStoreBuilder};
 use outbox_testkit::proxy::FaultProxy;
-use sqlx::MySqlPool;
 use sqlx::mysql::MySqlConnectOptions;
+use sqlx::{AssertSqlSafe, MySqlConnection, MySqlPool};
 
 pub(crate) use outbox_testkit::mysql::database_name;
 
@@ -96,4 +96,44 @@ pub(crate) fn through(url: &str, proxy: &FaultProxy) -> MySqlConnectOptions {
     options
         .host(&proxy.addr().ip().to_string())
         .port(proxy.addr().port())
+}
+
+/// Run `sql` as the `mysql` command-line client would: `DELIMITER` lines change the
+/// statement delimiter (the server never sees them).
+pub(crate) async fn run_as_client(conn: &mut MySqlConnection, sql: &str) {
+    let mut delimiter = ";".to_string();
+    let mut statement = String::new();
+    let mut plain = String::new();
+    for line in sql.lines() {
+        if let Some(d) = line.strip_prefix("DELIMITER ") {
+            if !plain.trim().is_empty() {
+                sqlx::raw_sql(AssertSqlSafe(std::mem::take(&mut plain)))
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
+            }
+            delimiter = d.trim().to_string();
+            continue;
+        }
+        if delimiter == ";" {
+            plain.push_str(line);
+            plain.push('\n');
+            continue;
+        }
+        statement.push_str(line);
+        statement.push('\n');
+        if let Some(done) = statement.trim_end().strip_suffix(delimiter.as_str()) {
+            sqlx::raw_sql(AssertSqlSafe(done.to_string()))
+                .execute(&mut *conn)
+                .await
+                .unwrap_or_else(|e| panic!("{e}: {done}"));
+            statement.clear();
+        }
+    }
+    if !plain.trim().is_empty() {
+        sqlx::raw_sql(AssertSqlSafe(plain))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
 }

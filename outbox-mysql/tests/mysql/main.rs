@@ -7,3 +7,4 @@ mod common;
 mod conformance;
 mod faults;
 mod schema;
+mod sql_enqueue;

@@ -8,7 +8,7 @@ use outbox_core::{ErrorKind, Inspect, Limits, Store};
 use outbox_mysql::MySqlStore;
 use sqlx::{AssertSqlSafe, MySqlPool};
 
-use crate::common::{Db, database_name, msg, pool, put};
+use crate::common::{Db, database_name, msg, pool, put, run_as_client};
 
 async fn database_exists(pool: &MySqlPool, database: &str) -> bool {
     let n: i64 = sqlx::query_scalar(
@@ -294,10 +294,7 @@ async fn the_plain_sql_file_creates_what_the_migration_creates() {
     .await
     .unwrap();
     for _ in 0..2 {
-        sqlx::raw_sql(AssertSqlSafe(file.clone()))
-            .execute(&mut *conn)
-            .await
-            .unwrap();
+        run_as_client(&mut conn, &file).await;
     }
     drop(conn.detach()); // its current database was changed
     // ... and let the migration create the same with the default names elsewhere.
@@ -346,10 +343,9 @@ async fn schema_sql_renders_the_configured_names() {
         .execute(&db.pool)
         .await
         .unwrap();
-    sqlx::raw_sql(AssertSqlSafe(sql))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    run_as_client(&mut conn, &sql).await;
+    drop(conn);
     let store = builder.migrate(false).build().await.unwrap();
     assert_eq!(
         (store.partitions(), store.partitions_table()),

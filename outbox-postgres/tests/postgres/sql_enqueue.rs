@@ -189,7 +189,7 @@ async fn the_sql_function_computes_the_partitions_and_locks_of_rust_enqueue_for_
                 for key in keys.iter().skip(part).step_by(4) {
                     let ((rust_p, rust_locks), (sql_p, sql_locks)) =
                         rust_and_sql_effects(&store, None, key).await;
-                    let expected = partition_for(key, partitions) as i32;
+                    let expected = i32::try_from(partition_for(key, partitions)).unwrap();
                     assert_eq!(rust_p, expected, "Rust partition of {key:?}");
                     assert_eq!(sql_p, expected, "SQL partition of {key:?}");
                     assert_eq!(rust_locks.len(), 2, "{key:?}: {rust_locks:?}");
@@ -552,7 +552,11 @@ async fn the_plain_sql_file_installs_a_function_that_agrees_with_a_store_on_its_
     for key in keys(50, 3) {
         let (rust, sql) = rust_and_sql_effects(&store, Some("outbox_enqueue"), &key).await;
         assert_eq!(sql, rust, "key {key:?}");
-        assert_eq!(rust.0, partition_for(&key, 64) as i32, "key {key:?}");
+        assert_eq!(
+            rust.0,
+            i32::try_from(partition_for(&key, 64)).unwrap(),
+            "key {key:?}"
+        );
     }
     drop_schema(&db.pool, &by_file).await;
     db.drop().await;

@@ -151,7 +151,9 @@ pub async fn delivery_carries_id_payload_and_headers<B: BrokerHarness>(h: &B) ->
     let history = History::new();
     let binary: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
     let big_len = (1024 * 1024).min(h.capabilities().max_payload.saturating_sub(1024));
-    let big: Vec<u8> = (0..big_len).map(|i| (i * 31 % 251) as u8).collect();
+    let big: Vec<u8> = (0..big_len)
+        .map(|i| u8::try_from(i * 31 % 251).unwrap_or(0))
+        .collect();
     let mut sent = vec![
         message(&topic, "k-binary", 1, binary),
         message(&topic, "k-big", 2, big),
@@ -225,7 +227,7 @@ pub async fn five_thousand_confirmed_messages_arrive_unchanged<B: BrokerHarness>
         let batch: Vec<Message> = (0..per_call)
             .map(|k| {
                 let key = format!("k{k}");
-                let seq = (call * per_call + k) as i64;
+                let seq = i64::try_from(call * per_call + k).unwrap_or(i64::MAX);
                 message(&topic, &key, seq, distinct_payload(&key, seq))
             })
             .collect();

@@ -58,7 +58,9 @@ pub async fn claims_return_messages_as_enqueued_in_sequence_order<H: StoreHarnes
     let partitions = 8;
     let store = h.fresh(partitions).await.ctx("fresh store")?;
     let t = topic();
-    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..1024 * 1024)
+        .map(|i: u32| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
     let sent = vec![
         NewMessage::new(t.as_str(), "k", big)
             .header("content-type", "application/octet-stream")

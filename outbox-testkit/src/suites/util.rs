@@ -173,6 +173,12 @@ pub struct Consumer {
     handled: Arc<AtomicU64>,
 }
 
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").finish_non_exhaustive()
+    }
+}
+
 impl Consumer {
     /// Start consuming from `subscriber` for `consumer` on `store`.
     pub fn start<S: TestStore>(
