@@ -4,8 +4,10 @@
 //! context ([`TRACEPARENT`], and [`TRACESTATE`] when not empty) as message headers, unless
 //! the message already carries a `traceparent`; brokers carry them like any user header; and
 //! [`handle`](crate::handle) runs the handler in an `outbox.handle` span whose parent is that
-//! context. With a `tracing-opentelemetry` layer installed, one trace then shows the order
-//! placed, and the message handled. The current span's context is read through
+//! context. The relay's broker call for a message runs under an `outbox.publish` span, child
+//! of the same context (field `outcome`: `published`, `failed` or `abandoned`). With a
+//! `tracing-opentelemetry` layer installed, one trace then shows the order placed, the message
+//! published, and the message handled. The current span's context is read through
 //! `tracing-opentelemetry`: without its layer, or outside any span, nothing is added.
 //!
 //! Without the feature every function here is a pass-through: no dependency, no header, no
@@ -14,7 +16,7 @@
 use std::borrow::Cow;
 use std::future::Future;
 
-use crate::{NewMessage, Received};
+use crate::{Message, NewMessage, Received, Result};
 
 /// The W3C Trace Context header with the trace id, the parent span id and the flags:
 /// `00-<32 hex>-<16 hex>-<2 hex>`.
@@ -96,6 +98,52 @@ pub fn instrument_handler<F: Future>(
     }
 }
 
+/// The `outbox.publish` spans of one broker call (feature `otel`; without it, nothing): one per
+/// message that carries a trace context, child of that context, open until
+/// [`finish`](PublishSpans::finish).
+pub(crate) struct PublishSpans {
+    #[cfg(feature = "otel")]
+    spans: Vec<(usize, tracing::Span)>,
+}
+
+/// Open the `outbox.publish` spans of a broker call for `messages`.
+#[inline]
+pub(crate) fn publish_spans(messages: &[Message]) -> PublishSpans {
+    #[cfg(feature = "otel")]
+    {
+        PublishSpans {
+            spans: messages
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| otel::publish_span(m).map(|span| (i, span)))
+                .collect(),
+        }
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = messages;
+        PublishSpans {}
+    }
+}
+
+impl PublishSpans {
+    /// Record each message's outcome (`None`: the call was abandoned) and close the spans.
+    #[inline]
+    pub(crate) fn finish(self, outcomes: Option<&[Result<()>]>) {
+        #[cfg(feature = "otel")]
+        for (i, span) in self.spans {
+            let outcome = match outcomes.map(|o| o.get(i)) {
+                None => "abandoned",
+                Some(Some(Ok(()))) => "published",
+                Some(_) => "failed",
+            };
+            span.record("outcome", outcome);
+        }
+        #[cfg(not(feature = "otel"))]
+        let _ = outcomes;
+    }
+}
+
 #[cfg(feature = "otel")]
 mod otel {
     use std::str::FromStr;
@@ -107,7 +155,7 @@ mod otel {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
     use super::{TRACEPARENT, TRACESTATE};
-    use crate::{NewMessage, Received};
+    use crate::{Message, NewMessage, Received};
 
     /// A trace context as headers.
     pub(super) struct Headers {
@@ -154,11 +202,30 @@ mod otel {
     }
 
     pub(super) fn extract(message: &Received) -> Option<Context> {
+        from_headers(&message.headers)
+    }
+
+    /// The context in `headers`' `traceparent` and `tracestate`.
+    fn from_headers(headers: &crate::Headers) -> Option<Context> {
         let sc = parse(
-            message.headers.get(TRACEPARENT)?,
-            message.headers.get(TRACESTATE).map(String::as_str),
+            headers.get(TRACEPARENT)?,
+            headers.get(TRACESTATE).map(String::as_str),
         )?;
         Some(Context::new().with_remote_span_context(sc))
+    }
+
+    /// `outbox.publish` for `message`, child of its context; `None` when it carries none.
+    pub(super) fn publish_span(message: &Message) -> Option<tracing::Span> {
+        let parent = from_headers(&message.headers)?;
+        let span = tracing::info_span!(
+            "outbox.publish",
+            message_id = %message.id,
+            topic = %message.topic,
+            outcome = tracing::field::Empty,
+        );
+        // Fails only when the span is disabled: then there is nothing to parent.
+        let _ = span.set_parent(parent);
+        Some(span)
     }
 
     /// Parse a W3C `traceparent` (and `tracestate`): version 00 exactly, later versions by

@@ -5,12 +5,30 @@
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
 use outbox_core::memory::{MemoryBroker, MemoryStore};
 use outbox_core::{Enqueue, NewMessage, Relay, Subscriber, Transactional, handle};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
+
+/// Keeps every span that ends, for the test to look at.
+#[derive(Debug, Clone, Default)]
+struct Collect(Arc<Mutex<Vec<SpanData>>>);
+
+impl SpanProcessor for Collect {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
+    fn on_end(&self, span: SpanData) {
+        self.0.lock().unwrap().push(span);
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+    fn shutdown_with_timeout(&self, _timeout: std::time::Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
 
 async fn enqueue(store: &MemoryStore, message: NewMessage) {
     let mut tx = store.begin().await.unwrap();
@@ -35,8 +53,11 @@ async fn handled_in(store: &MemoryStore, broker: &MemoryBroker, group: &str) -> 
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn the_handler_runs_in_the_trace_of_the_span_that_enqueued_the_message() {
-    let provider = SdkTracerProvider::builder().build();
+async fn the_publish_and_the_handler_run_in_the_trace_of_the_span_that_enqueued_the_message() {
+    let spans = Collect::default();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(spans.clone())
+        .build();
     let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("outbox-test"));
     let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
     let store = MemoryStore::new();
@@ -68,6 +89,24 @@ async fn the_handler_runs_in_the_trace_of_the_span_that_enqueued_the_message() {
         handler.span_id(),
         producer.span_id(),
         "the handler has a span of its own"
+    );
+
+    // The relay's publish is a span of the same trace, child of the span that enqueued.
+    let ended = spans.0.lock().unwrap().clone();
+    let publish: Vec<&SpanData> = ended
+        .iter()
+        .filter(|s| s.name == "outbox.publish")
+        .collect();
+    assert_eq!(publish.len(), 1, "{ended:#?}");
+    assert_eq!(publish[0].span_context.trace_id(), producer.trace_id());
+    assert_eq!(publish[0].parent_span_id, producer.span_id());
+    assert!(
+        publish[0]
+            .attributes
+            .iter()
+            .any(|kv| kv.key.as_str() == "outcome" && kv.value.as_str() == "published"),
+        "{:?}",
+        publish[0].attributes
     );
 }
 

@@ -207,15 +207,18 @@ impl Relay {
         messages: &[Message],
         deadline: Instant,
     ) -> Option<Vec<Result<()>>> {
+        let spans = crate::trace::publish_spans(messages);
         let publish = self.inner.broker.publish(messages);
-        let mut outcomes = tokio::time::timeout_at(deadline.into(), publish)
-            .await
-            .ok()?;
+        let Ok(mut outcomes) = tokio::time::timeout_at(deadline.into(), publish).await else {
+            spans.finish(None);
+            return None;
+        };
         outcomes.resize_with(messages.len(), || {
             Err(Error::transient(
                 "the broker returned fewer outcomes than messages",
             ))
         });
+        spans.finish(Some(&outcomes));
         Some(outcomes)
     }
 
