@@ -37,6 +37,7 @@ pub mod postgres;
 pub mod proxy;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+pub mod sql_enqueue;
 pub mod suites;
 mod with_effects;
 

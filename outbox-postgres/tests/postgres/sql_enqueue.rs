@@ -8,52 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_core::memory::MemoryBroker;
-use outbox_core::{Limits, NewMessage, Relay, Store, partition_for};
+use outbox_core::{Limits, Relay, Store, partition_for};
 use outbox_postgres::PgStore;
+use outbox_testkit::sql_enqueue::{SqlArgs, keys, validation_cases};
 use rand::{Rng, SeedableRng};
 use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
 use crate::common::{Db, drop_schema, msg, schema_name};
-
-/// A message as the SQL function takes it: headers as JSON text.
-struct SqlArgs {
-    topic: String,
-    key: String,
-    payload: Vec<u8>,
-    headers: String,
-}
-
-impl SqlArgs {
-    fn of(m: &NewMessage) -> SqlArgs {
-        let headers: Vec<String> = m
-            .headers
-            .iter()
-            .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
-            .collect();
-        SqlArgs {
-            topic: m.topic.clone(),
-            key: m.key.clone(),
-            payload: m.payload.to_vec(),
-            headers: format!("{{{}}}", headers.join(",")),
-        }
-    }
-}
-
-/// `s` as a JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
 
 /// `"schema"."table_enqueue"`: the SQL function of the store on `table` in `schema`.
 fn enqueue_fn(schema: &str, table: &str) -> String {
@@ -99,30 +61,6 @@ async fn stored_partition(conn: &mut PgConnection, schema: &str, table: &str, id
     .fetch_one(conn)
     .await
     .unwrap()
-}
-
-/// Keys of every shape: ASCII, accents, CJK, emoji, control-free punctuation, empty, and up
-/// to the 1024-byte limit; seeded, so a failure names a reproducible key.
-fn keys(n: usize, seed: u64) -> Vec<String> {
-    const ALPHABET: [&str; 14] = [
-        "a", "Z", "0", "-", "_", ".", "/", " ", "é", "ß", "日本", "🦀", "\u{2003}", "'\"",
-    ];
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut keys = vec![String::new(), "order-1".into(), "x".repeat(1024)];
-    while keys.len() < n {
-        let len = if rng.random_bool(0.05) {
-            rng.random_range(100..300)
-        } else {
-            rng.random_range(1..24)
-        };
-        let key: String = (0..len)
-            .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())])
-            .collect();
-        if key.len() <= 1024 {
-            keys.push(key);
-        }
-    }
-    keys
 }
 
 /// A partition and the advisory locks held, as one enqueue left them.
@@ -250,42 +188,6 @@ async fn a_message_enqueued_in_sql_is_woken_up_for_and_published_by_a_rust_relay
     assert_eq!(&got.payload[..], br#"{"state":"placed"}"#);
     assert_eq!(got.headers, message.headers);
     db.drop().await;
-}
-
-/// Messages `NewMessage::validate` refuses with the default limits, and messages at the
-/// limits it accepts.
-fn validation_cases() -> (Vec<(&'static str, NewMessage)>, Vec<NewMessage>) {
-    let ok = || msg("orders", "k", "x");
-    let many = |n: usize| (0..n).fold(ok(), |m, i| m.header(format!("h{i}"), "v"));
-    let invalid = vec![
-        ("empty topic", msg("", "k", "x")),
-        ("space in topic", msg("a b", "k", "x")),
-        ("em space in topic", msg("a\u{2003}b", "k", "x")),
-        ("NEL in topic", msg("a\u{85}b", "k", "x")),
-        ("tab in topic", msg("a\tb", "k", "x")),
-        ("long topic", msg(&"t".repeat(256), "k", "x")),
-        ("long key", msg("orders", &"k".repeat(1025), "x")),
-        ("long unicode key", msg("orders", &"é".repeat(513), "x")),
-        (
-            "large payload",
-            NewMessage::new("orders", "k", vec![0u8; 4 * 1024 * 1024 + 1]),
-        ),
-        ("65 headers", many(65)),
-        ("header with space", ok().header("a b", "v")),
-        ("header with colon", ok().header("a:b", "v")),
-        ("reserved header", ok().header("outbox-id", "v")),
-        ("reserved header, upper case", ok().header("OUTBOX-x", "v")),
-        ("non-ASCII header", ok().header("é", "v")),
-        ("long header name", ok().header("h".repeat(256), "v")),
-    ];
-    let valid = vec![
-        msg(&"t".repeat(255), "k", "x"),
-        msg("Bestellungen.ü", &"k".repeat(1024), ""),
-        NewMessage::new("orders", "", vec![0u8; 4 * 1024 * 1024]),
-        many(64),
-        ok().header("h".repeat(255), "ünïcødé ✓"),
-    ];
-    (invalid, valid)
 }
 
 /// The SQLSTATE of a failed statement.
