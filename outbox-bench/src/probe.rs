@@ -159,8 +159,10 @@ struct Step {
 impl Step {
     fn add(&self, started: Instant) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.nanos.fetch_add(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Mean time per call in milliseconds.

@@ -175,10 +175,6 @@ pub(crate) fn ratio(r: f64) -> String {
     }
 }
 
-pub(crate) fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1e3)
-}
-
 pub(crate) fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
@@ -277,11 +273,13 @@ pub(crate) fn proc_status_kib(field: &str) -> Option<u64> {
 }
 
 /// The `q`-quantile (0..=1) of sorted values, nearest rank.
+// The rank is within 0..=len (q is clamped to 0..=1): the casts cannot lose.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    let rank = ((q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
 }
 
@@ -293,11 +291,11 @@ pub(crate) struct CpuUse {
     pub(crate) machine: f64,
     /// CPUs this process used (the relay or producer under test).
     pub(crate) process: f64,
-    /// CPU seconds of `postgres` processes.
+    /// CPU seconds of the database (`postgres`, `mariadbd`, `mysqld` processes).
     pub(crate) postgres: f64,
     /// CPU seconds of RabbitMQ (`beam.smp`).
     pub(crate) rabbitmq: f64,
-    /// CPU seconds of `tansu`.
+    /// CPU seconds of the Kafka-protocol broker (`tansu`, `nisshi`).
     pub(crate) tansu: f64,
     /// CPU seconds of this process.
     pub(crate) bench: f64,
@@ -420,11 +418,11 @@ fn group_jiffies() -> std::collections::HashMap<u32, (Group, u64)> {
         };
         let group = if pid == me {
             Group::Bench
-        } else if comm == "postgres" {
+        } else if comm == "postgres" || comm == "mariadbd" || comm == "mysqld" {
             Group::Postgres
         } else if comm.starts_with("beam") || comm == "erl_child_setup" {
             Group::Rabbitmq
-        } else if comm == "tansu" {
+        } else if comm == "tansu" || comm == "nisshi" {
             Group::Tansu
         } else {
             Group::Other

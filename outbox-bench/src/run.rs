@@ -17,9 +17,11 @@ use outbox_kafka::rdkafka::message::{Header, OwnedHeaders};
 use outbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::task::JoinSet;
 
-use crate::env::{BrokerEnv, BrokerSpec, TOPIC, key};
+use crate::backends::writer::Writer;
+use crate::backends::{BrokerEnv, TOPIC, key};
 use crate::probe::Counter;
 use crate::report::{CpuMeter, CpuUse};
+use outbox::registry::BrokerKind;
 
 /// What a timed run did.
 #[derive(Debug, Clone, Default)]
@@ -174,7 +176,7 @@ pub(crate) async fn raw_store_loop(store: Arc<dyn Store>, plan: Plan) -> Result<
                         tokio::time::sleep(Duration::from_millis(1)).await;
                         continue;
                     }
-                    Err(e) if e.kind() == outbox_core::ErrorKind::Transient => {
+                    Err(e) if e.kind().is_retryable() => {
                         errors.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -186,7 +188,7 @@ pub(crate) async fn raw_store_loop(store: Arc<dyn Store>, plan: Plan) -> Result<
                     Ok(()) => {
                         done.fetch_add(ids.len() as u64, Ordering::Relaxed);
                     }
-                    Err(e) if e.kind() == outbox_core::ErrorKind::Transient => {
+                    Err(e) if e.kind().is_retryable() => {
                         errors.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -208,6 +210,40 @@ pub(crate) async fn raw_store_loop(store: Arc<dyn Store>, plan: Plan) -> Result<
         cpu: meter.stop(),
         ..RunOutcome::default()
     })
+}
+
+/// The raw write ceiling: `concurrency` loops of one transaction inserting `batch` payloads
+/// into an unindexed table ([`Writer::raw_insert`]), after a warm-up transaction.
+pub(crate) async fn raw_insert_loop(
+    writer: &Writer,
+    plan: Plan,
+    payload: &Bytes,
+) -> Result<RunOutcome> {
+    writer.raw_insert(plan.batch, payload).await?;
+    let (quota, started, meter) = Quota::start(&plan);
+    let mut tasks = JoinSet::new();
+    for _ in 0..plan.concurrency {
+        let quota = quota.clone();
+        let writer = writer.clone();
+        let payload = payload.clone();
+        tasks.spawn(async move {
+            quota
+                .drain(plan.batch, |range| {
+                    let (writer, payload) = (&writer, &payload);
+                    async move {
+                        writer
+                            .raw_insert(
+                                usize::try_from(range.end - range.start).unwrap_or(usize::MAX),
+                                payload,
+                            )
+                            .await?;
+                        Ok((range.end - range.start, 0))
+                    }
+                })
+                .await
+        });
+    }
+    join_producers(tasks, started, meter, plan.target).await
 }
 
 /// Hands out slices of a message budget to workers.
@@ -286,7 +322,7 @@ pub(crate) fn messages(range: std::ops::Range<u64>, keys: u64, payload: &Bytes) 
     range
         .map(|i| Message {
             id: MessageId::new(),
-            seq: i as i64,
+            seq: i64::try_from(i).unwrap_or(i64::MAX),
             topic: TOPIC.to_string(),
             key: key(i, keys),
             payload: payload.clone(),
@@ -345,13 +381,15 @@ pub(crate) async fn raw_producer(
     keys: u64,
     payload: &Bytes,
 ) -> Result<RunOutcome> {
-    match &env.spec {
-        BrokerSpec::Memory => {
+    match env.spec.kind() {
+        BrokerKind::Amqp => raw_amqp(env.spec.expose(), &env.name, plan, keys, payload).await,
+        BrokerKind::Kafka => {
+            raw_kafka(env.spec.kafka_bootstrap(), &env.name, plan, keys, payload).await
+        }
+        _ => {
             let broker = Arc::new(outbox_core::memory::MemoryBroker::new());
             adapter(broker, plan, keys, payload).await
         }
-        BrokerSpec::Amqp(url) => raw_amqp(url, &env.name, plan, keys, payload).await,
-        BrokerSpec::Kafka(servers) => raw_kafka(servers, &env.name, plan, keys, payload).await,
     }
 }
 
@@ -362,8 +400,8 @@ async fn amqp_batch(
     keys: u64,
     payload: &Bytes,
 ) -> Result<(u64, u64)> {
-    let mut confirms = Vec::with_capacity((range.end - range.start) as usize);
-    let now = Utc::now().timestamp().max(0) as u64;
+    let mut confirms = Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
+    let now = u64::try_from(Utc::now().timestamp()).unwrap_or(0);
     for i in range {
         let mut headers = FieldTable::default();
         headers.insert("outbox-topic".into(), AMQPValue::LongString(TOPIC.into()));
@@ -449,7 +487,7 @@ async fn kafka_batch(
     keys: u64,
     payload: &Bytes,
 ) -> Result<(u64, u64)> {
-    let mut deliveries = Vec::with_capacity((range.end - range.start) as usize);
+    let mut deliveries = Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
     for i in range {
         let id = MessageId::new().to_string();
         let k = key(i, keys);

@@ -7,11 +7,13 @@ use anyhow::{Result, bail};
 use outbox_core::{MessageId, NewMessage};
 use tokio::task::JoinSet;
 
-use super::{Ctx, drain_once};
-use crate::env::{BrokerEnv, BrokerSpec, StoreEnv, StoreSpec, TOPIC, key};
+use super::{Ctx, conns, drain_once};
+use crate::backends::{BrokerEnv, BrokerSpec, StoreEnv, StoreSpec, TOPIC, key};
 use crate::probe::{Counter, Probe, TimedStore, Timings};
-use crate::report::{CpuMeter, CpuUse, Table, ms, quantile, rate};
+use crate::report::{CpuMeter, CpuUse, Table, quantile, rate};
 use crate::run;
+use crate::stats::{Spread, interleaved};
+use outbox::registry::StoreKind;
 
 /// Most messages a latency writer commits in one transaction when it is behind schedule.
 const MAX_PER_TX: usize = 100;
@@ -67,124 +69,166 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<()> {
             "claim / publish / settle ms",
         ],
     );
-    for store in &ctx.stores {
-        for broker in &ctx.brokers {
-            // (label, offered msg/s) per run.
-            let loads: Vec<(String, f64)> = match s.latency_rate {
-                Some(r) => vec![("fixed".into(), r)],
-                None => {
-                    let drain = match ctx.drain_rates.get(&(store.name(), broker.name(), s.batch)) {
-                        Some(r) => *r,
-                        None => {
-                            // Calibrate: a short drain of this pair.
-                            let n = (s.messages / 4).max(2_000);
-                            let r = drain_once(
-                                &s,
-                                store,
-                                Some(broker),
-                                s.batch,
-                                1,
-                                n,
-                                s.large_batch_cap,
-                            )
-                            .await;
-                            let what = format!("{}.{} calibration", store.name(), broker.name());
-                            let Some(o) = t.soft(&what, r) else {
-                                continue;
-                            };
-                            ctx.drain_rates
-                                .insert((store.name(), broker.name(), s.batch), o.rate());
-                            o.rate()
-                        }
-                    };
-                    s.latency_load
-                        .iter()
-                        .map(|f| (format!("{:.0} %", f * 100.0), drain * f))
-                        .collect()
-                }
-            };
-            for (i, (label, target)) in loads.into_iter().enumerate() {
-                let what = format!("{}.{} at {label}", store.name(), broker.name());
-                let Some(m) = t.soft(&what, measure(&s, store, broker, target).await) else {
-                    continue;
-                };
-                let mut sorted = m.latencies.clone();
-                sorted.sort_unstable();
-                let (p50, p90, p99, max) = (
-                    quantile(&sorted, 0.5),
-                    quantile(&sorted, 0.9),
-                    quantile(&sorted, 0.99),
-                    sorted.last().copied().unwrap_or_default(),
-                );
-                let pair = format!("{}.{}", store.name(), broker.name());
-                // The first load keeps the plain names; further loads are suffixed.
-                let name = if i == 0 {
-                    pair.clone()
-                } else {
-                    format!("{pair}.load{}", label.trim_end_matches(" %"))
-                };
-                t.row(vec![
-                    store.name().into(),
-                    broker.name().into(),
-                    label.clone(),
-                    rate(m.target),
-                    rate(m.achieved),
-                    sorted.len().to_string(),
-                    format!("{:.1}", m.per_tx),
-                    ms(p50),
-                    ms(p90),
-                    ms(p99),
-                    ms(max),
-                    m.cpu.cell(),
-                    m.cpu.per_message(m.committed),
-                    m.steps.clone(),
-                ]);
-                let f = |d: Duration| d.as_secs_f64() * 1e3;
-                t.bench(&format!("latency.{name}.offered"), m.target, "msg/s");
-                t.bench(&format!("latency.{name}.achieved"), m.achieved, "msg/s");
-                t.bench(&format!("latency.{name}.p50"), f(p50), "ms");
-                t.bench(&format!("latency.{name}.p99"), f(p99), "ms");
-                t.bench(&format!("latency.{name}.max"), f(max), "ms");
-                if m.missing > 0 {
-                    t.note(format!(
-                        "{pair} at {label}: {} committed messages were not confirmed within 30 s after the writers stopped",
-                        m.missing
-                    ));
-                }
-                if m.before_commit_returned > 0 {
-                    t.note(format!(
-                        "{pair} at {label}: {} messages were confirmed before their commit call returned to the writer (counted as 0 ms)",
-                        m.before_commit_returned
-                    ));
-                }
-                if m.achieved < 0.9 * m.target {
-                    t.note(format!(
-                        "{pair} at {label}: the writers reached {} of the {} msg/s offered",
-                        rate(m.achieved),
-                        rate(m.target)
-                    ));
-                }
-                if i == 0 && matches!(store, StoreSpec::Postgres(_)) {
-                    ctx.summary.goal(
-                        format!("latency.{pair}: p50 (NOTIFY) at {label} load"),
-                        "≤ 5 ms",
-                        ms(p50),
-                        p50 <= Duration::from_millis(5),
-                    );
-                    ctx.summary.goal(
-                        format!("latency.{pair}: p99 (NOTIFY) at {label} load"),
-                        "≤ 25 ms",
-                        ms(p99),
-                        p99 <= Duration::from_millis(25),
-                    );
-                }
+    let mut jobs = Vec::new();
+    let (stores, brokers) = (ctx.stores.clone(), ctx.brokers.clone());
+    for store in &stores {
+        for broker in &brokers {
+            for (i, (label, target)) in loads(ctx, &mut t, store, broker)
+                .await
+                .into_iter()
+                .enumerate()
+            {
+                jobs.push((store.clone(), broker.clone(), i, label, target));
             }
         }
+    }
+    let results = interleaved(s.reps, jobs.len(), |j, _| {
+        let (store, broker, _, _, target) = &jobs[j];
+        let s = &s;
+        async move { measure(s, store, broker, *target).await }
+    })
+    .await;
+    for ((store, broker, i, label, _), runs) in jobs.iter().zip(results) {
+        let what = format!("{}.{} at {label}", store.name(), broker.name());
+        let runs: Vec<Measured> = runs.into_iter().filter_map(|r| t.soft(&what, r)).collect();
+        row(ctx, &mut t, store, broker, *i, label, runs);
     }
     t.note("cpu: busy CPUs of the whole machine / CPUs of the bench process (writers and relay), while the writers ran");
     t.note("claim / publish / settle: mean ms per call of the relay (claims that found nothing are not counted)");
     t.print();
     Ok(())
+}
+
+/// The offered loads of a pair: (label, msg/s).
+async fn loads(
+    ctx: &mut Ctx,
+    t: &mut Table,
+    store: &StoreSpec,
+    broker: &BrokerSpec,
+) -> Vec<(String, f64)> {
+    let s = ctx.s.clone();
+    if let Some(r) = s.latency_rate {
+        return vec![("fixed".into(), r)];
+    }
+    let drain = match ctx.drain_rates.get(&(store.name(), broker.name(), s.batch)) {
+        Some(r) => r.median(),
+        None => {
+            // Calibrate: a short drain of this pair.
+            let n = (s.messages / 4).max(2_000);
+            let r = drain_once(&s, store, Some(broker), s.batch, 1, n, s.large_batch_cap).await;
+            let what = format!("{}.{} calibration", store.name(), broker.name());
+            let Some(o) = t.soft(&what, r) else {
+                return Vec::new();
+            };
+            ctx.drain_rates.insert(
+                (store.name(), broker.name(), s.batch),
+                Spread::of([o.rate()]),
+            );
+            o.rate()
+        }
+    };
+    s.latency_load
+        .iter()
+        .map(|f| (format!("{:.0} %", f * 100.0), drain * f))
+        .collect()
+}
+
+/// Quantiles of one run, in ms: p50, p90, p99, max.
+fn quantiles(m: &Measured) -> [f64; 4] {
+    let mut sorted = m.latencies.clone();
+    sorted.sort_unstable();
+    let f = |d: Duration| d.as_secs_f64() * 1e3;
+    [
+        f(quantile(&sorted, 0.5)),
+        f(quantile(&sorted, 0.9)),
+        f(quantile(&sorted, 0.99)),
+        f(sorted.last().copied().unwrap_or_default()),
+    ]
+}
+
+/// The table row, `BENCH` lines, notes and goals of one pair at one load.
+fn row(
+    ctx: &mut Ctx,
+    t: &mut Table,
+    store: &StoreSpec,
+    broker: &BrokerSpec,
+    i: usize,
+    label: &str,
+    runs: Vec<Measured>,
+) {
+    if runs.is_empty() {
+        return;
+    }
+    let q: Vec<[f64; 4]> = runs.iter().map(quantiles).collect();
+    let spread = |k: usize| Spread::of(q.iter().map(|x| x[k]));
+    let (p50, p90, p99, max) = (spread(0), spread(1), spread(2), spread(3));
+    let achieved = Spread::of(runs.iter().map(|m| m.achieved));
+    let m = &runs[runs.len() / 2];
+    let pair = format!("{}.{}", store.name(), broker.name());
+    // The first load keeps the plain names; further loads are suffixed.
+    let name = if i == 0 {
+        pair.clone()
+    } else {
+        format!("{pair}.load{}", label.trim_end_matches(" %"))
+    };
+    t.row(vec![
+        store.name().into(),
+        broker.name().into(),
+        label.to_string(),
+        rate(m.target),
+        achieved.rate_cell(),
+        runs.iter()
+            .map(|m| m.latencies.len())
+            .sum::<usize>()
+            .to_string(),
+        format!("{:.1}", m.per_tx),
+        p50.cell2(),
+        p90.cell2(),
+        p99.cell2(),
+        max.cell2(),
+        m.cpu.cell(),
+        m.cpu.per_message(m.committed),
+        m.steps.clone(),
+    ]);
+    t.bench(&format!("latency.{name}.offered"), m.target, "msg/s");
+    t.bench(
+        &format!("latency.{name}.achieved"),
+        achieved.median(),
+        "msg/s",
+    );
+    t.bench(&format!("latency.{name}.p50"), p50.median(), "ms");
+    t.bench(&format!("latency.{name}.p99"), p99.median(), "ms");
+    t.bench(&format!("latency.{name}.max"), max.median(), "ms");
+    let missing: usize = runs.iter().map(|m| m.missing).sum();
+    if missing > 0 {
+        t.note(format!("{pair} at {label}: {missing} committed messages were not confirmed within 30 s after the writers stopped (all repetitions)"));
+    }
+    let early: usize = runs.iter().map(|m| m.before_commit_returned).sum();
+    if early > 0 {
+        t.note(format!("{pair} at {label}: {early} messages were confirmed before their commit call returned to the writer (counted as 0 ms; all repetitions)"));
+    }
+    if achieved.median() < 0.9 * m.target {
+        t.note(format!(
+            "{pair} at {label}: the writers reached {} of the {} msg/s offered",
+            rate(achieved.median()),
+            rate(m.target)
+        ));
+    }
+    if i == 0 && store.kind() == StoreKind::Postgres {
+        let (a, b) = (p50.median(), p99.median());
+        ctx.summary.goal(
+            format!("latency.{pair}: p50 (NOTIFY) at {label} load"),
+            "≤ 5 ms",
+            format!("{a:.2}"),
+            a <= 5.0,
+        );
+        ctx.summary.goal(
+            format!("latency.{pair}: p99 (NOTIFY) at {label} load"),
+            "≤ 25 ms",
+            format!("{b:.2}"),
+            b <= 25.0,
+        );
+    }
 }
 
 async fn measure(
@@ -196,13 +240,13 @@ async fn measure(
     if !(target.is_finite() && target > 0.0) {
         bail!("no offered load for the latency run ({target})");
     }
-    let writers = s.writers.unwrap_or(match store {
-        StoreSpec::Sqlite => 1,
-        StoreSpec::Postgres(_) => 4,
+    let writers = s.writers.unwrap_or(match store.kind() {
+        StoreKind::Sqlite => 1,
+        _ => 4,
     });
-    let env = StoreEnv::create(store, writers as u32 + 1).await?;
+    let env = StoreEnv::create(store, conns(writers, 1)).await?;
     let benv = BrokerEnv::create(broker).await?;
-    let result = measure_on(s, &env, &benv, store, target, writers).await;
+    let result = measure_on(s, &env, &benv, store.kind(), target, writers).await;
     benv.teardown().await?;
     env.teardown().await?;
     result
@@ -212,7 +256,7 @@ async fn measure_on(
     s: &crate::Settings,
     env: &StoreEnv,
     benv: &BrokerEnv,
-    store: &StoreSpec,
+    kind: StoreKind,
     target: f64,
     writers: usize,
 ) -> Result<Measured> {
@@ -226,10 +270,11 @@ async fn measure_on(
     }
     let counter = Counter::with_times();
     let timings = Timings::new();
-    let relay_store = match store {
-        // SQLite wakes relays in the process that committed, through the same store.
-        StoreSpec::Sqlite => env.writer_store(),
-        StoreSpec::Postgres(_) => env.relay_store(s.relay_concurrency as u32 + 1).await?,
+    let relay_store = match kind {
+        // Postgres wakes relays anywhere (LISTEN/NOTIFY); SQLite and MySQL wake relays in the
+        // process that committed, through the same store instance.
+        StoreKind::Postgres => env.relay_store(conns(s.relay_concurrency, 1)).await?,
+        _ => env.writer_store(),
     };
     let relay = run::relay(
         TimedStore::wrap(relay_store, timings.clone()),

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::Ctx;
+use super::{Ctx, conns};
 use crate::Settings;
-use crate::env::{StoreEnv, open_store};
+use crate::backends::{StoreEnv, open_store};
 use crate::probe::{Counter, NoopBroker, Probe};
 use crate::report::{Table, proc_status_kib, rate, secs};
 use crate::run;
@@ -205,7 +205,7 @@ async fn spawn_child(s: &Settings, url: &str, schema: Option<&str>) -> Result<Ch
 /// drained or the cap passed, sampling its RSS; report the samples, the peak and the rate on
 /// stdout.
 pub(crate) async fn child(s: &Settings, url: &str, schema: Option<&str>) -> Result<()> {
-    let store = open_store(url, schema, s.concurrency as u32 + 1)
+    let store = open_store(url, schema, conns(s.concurrency, 1))
         .await
         .context("the relay child cannot open the store")?;
     let counter = Counter::count_only();
@@ -226,11 +226,19 @@ pub(crate) async fn child(s: &Settings, url: &str, schema: Option<&str>) -> Resu
         let done = relay.stats().published;
         let elapsed = started.elapsed();
         if done >= target || elapsed >= s.memory_cap {
-            samples.push((elapsed.as_millis() as u64, done, rss()));
+            samples.push((
+                u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                done,
+                rss(),
+            ));
             break;
         }
         if elapsed >= next_sample {
-            samples.push((elapsed.as_millis() as u64, done, rss()));
+            samples.push((
+                u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                done,
+                rss(),
+            ));
             next_sample += Duration::from_millis(SAMPLE_MS);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -1,9 +1,11 @@
 //! The scenarios, and the drain run they share.
 
+pub(crate) mod consumer;
 pub(crate) mod drain;
 pub(crate) mod enqueue;
 pub(crate) mod latency;
 pub(crate) mod memory;
+pub(crate) mod peers;
 pub(crate) mod scale;
 
 use std::collections::HashMap;
@@ -14,10 +16,11 @@ use anyhow::{Result, bail};
 use outbox_core::Broker;
 
 use crate::Settings;
-use crate::env::{BrokerEnv, BrokerSpec, StoreEnv, StoreSpec};
+use crate::backends::{BrokerEnv, BrokerSpec, StoreEnv, StoreSpec};
 use crate::probe::{Counter, NoopBroker, Probe, TimedStore, Timings};
 use crate::report::Summary;
 use crate::run::{self, RunOutcome};
+use crate::stats::Spread;
 
 /// What the scenarios share: settings, reachable backends, results so far.
 pub(crate) struct Ctx {
@@ -25,8 +28,10 @@ pub(crate) struct Ctx {
     pub(crate) stores: Vec<StoreSpec>,
     pub(crate) brokers: Vec<BrokerSpec>,
     pub(crate) summary: Summary,
-    /// Relay drain rates by (store, broker, batch), for batching and latency.
-    pub(crate) drain_rates: HashMap<(&'static str, &'static str, usize), f64>,
+    /// Relay drain rates (medians) by (store, broker, batch), for batching and latency.
+    pub(crate) drain_rates: HashMap<(&'static str, &'static str, usize), Spread>,
+    /// The peer systems of the `peers` scenario besides ours and the hand-written relay.
+    pub(crate) peers: Vec<Arc<dyn peers::PeerSystem>>,
 }
 
 impl Ctx {
@@ -37,6 +42,7 @@ impl Ctx {
             brokers,
             summary: Summary::default(),
             drain_rates: HashMap::new(),
+            peers: Vec::new(),
         }
     }
 }
@@ -85,7 +91,7 @@ async fn drain_on(
         s.concurrency
     };
     for r in 0..relays {
-        let store = env.relay_store(concurrency as u32 + 1).await?;
+        let store = env.relay_store(conns(concurrency, 1)).await?;
         // Warm-up: connections open, the table read once (the backlog fits in memory).
         store.stats().await?;
         let inner: Arc<dyn Broker> = match &benv {
@@ -131,4 +137,31 @@ async fn drain_on(
         b.teardown().await?;
     }
     outcome
+}
+
+/// A pool size for `workers` tasks and `extra` connections more.
+pub(crate) fn conns(workers: usize, extra: u32) -> u32 {
+    u32::try_from(workers)
+        .unwrap_or(u32::MAX)
+        .saturating_add(extra)
+}
+
+/// The rates of a job's repetitions that succeeded.
+pub(crate) fn rates(runs: &[Option<RunOutcome>]) -> Spread {
+    Spread::of(runs.iter().flatten().map(RunOutcome::rate))
+}
+
+/// The repetition whose rate is the median (for the CPU and step columns, which come from
+/// one run).
+pub(crate) fn median_run(runs: &[Option<RunOutcome>]) -> Option<&RunOutcome> {
+    let mut ok: Vec<&RunOutcome> = runs.iter().flatten().collect();
+    ok.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    ok.get(ok.len().saturating_sub(1) / 2).copied()
+}
+
+/// A rate cell over repetitions, starred when any repetition hit its time cap.
+pub(crate) fn rate_cell(runs: &[Option<RunOutcome>]) -> String {
+    let capped = runs.iter().flatten().any(|o| !o.complete);
+    let cell = rates(runs).rate_cell();
+    if capped { format!("{cell}*") } else { cell }
 }
