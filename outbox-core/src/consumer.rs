@@ -150,8 +150,7 @@ pub struct ConsumerBuilder<I: Inbox> {
 
 impl<I: Inbox> std::fmt::Debug for ConsumerBuilder<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsumerBuilder")
-            .finish_non_exhaustive()
+        f.debug_struct("ConsumerBuilder").finish_non_exhaustive()
     }
 }
 
@@ -331,8 +330,7 @@ pub struct Consumer<I: Inbox> {
 
 impl<I: Inbox> std::fmt::Debug for Consumer<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Consumer")
-            .finish_non_exhaustive()
+        f.debug_struct("Consumer").finish_non_exhaustive()
     }
 }
 

@@ -472,7 +472,10 @@ mod tests {
     #[test]
     fn partitioning_is_stable_and_spread() {
         // Fixed values: a change here would reorder keys across an upgrade.
-        assert_eq!(u64::from(partition_for("", 64)), 0xcbf2_9ce4_8422_2325u64 % 64);
+        assert_eq!(
+            u64::from(partition_for("", 64)),
+            0xcbf2_9ce4_8422_2325u64 % 64
+        );
         assert_eq!(partition_for("order-1", 64), partition_for("order-1", 64));
         let mut seen = std::collections::HashSet::new();
         for i in 0..1000 {

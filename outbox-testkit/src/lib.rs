@@ -35,9 +35,9 @@ pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod proxy;
+pub mod sql_enqueue;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
-pub mod sql_enqueue;
 pub mod suites;
 mod with_effects;
 

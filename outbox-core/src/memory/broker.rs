@@ -34,8 +34,7 @@ pub struct MemoryBroker {
 
 impl std::fmt::Debug for MemoryBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryBroker")
-            .finish_non_exhaustive()
+        f.debug_struct("MemoryBroker").finish_non_exhaustive()
     }
 }
 

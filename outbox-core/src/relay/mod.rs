@@ -344,8 +344,7 @@ pub struct Relay {
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay")
-            .finish_non_exhaustive()
+        f.debug_struct("Relay").finish_non_exhaustive()
     }
 }
 
