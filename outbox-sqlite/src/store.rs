@@ -110,7 +110,7 @@ fn partitions_json(lease: &Lease) -> String {
 impl SqliteStore {
     /// Enqueue `messages` in the caller's transaction on `conn` (pass `&mut tx` or
     /// `&mut *tx`), returning their ids in order. Relays in this process are woken when the
-    /// transaction commits. Up to [`INSERT_CHUNK`] messages go in one multi-row insert.
+    /// transaction commits. Up to 500 messages go in one multi-row insert.
     ///
     /// Errors: [`NotInTransaction`](ErrorKind::NotInTransaction) outside a transaction,
     /// [`InvalidInput`](ErrorKind::InvalidInput) if any message is invalid (nothing is written

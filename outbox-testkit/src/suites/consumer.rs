@@ -1,5 +1,5 @@
 //! The consumer runtime end to end: relays publish from the store under test through the
-//! broker under test, and a [`Consumer`](outbox_core::Consumer) with several handlers at once
+//! broker under test, and a [`Consumer`] with several handlers at once
 //! applies every message once, in per-key order.
 
 use std::collections::HashMap;
