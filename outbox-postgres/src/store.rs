@@ -166,7 +166,8 @@ impl PgStore {
     /// commit also wakes listening relays (`NOTIFY`).
     ///
     /// Pass the transaction's connection: `store.enqueue(&mut tx, ..)` with a
-    /// `sqlx::Transaction` works as is. One round trip for the whole batch.
+    /// `sqlx::Transaction` works as is. One round trip for the whole batch (one message goes
+    /// in by a statement of its own without arrays, the common case and the cheaper one).
     ///
     /// Errors: [`InvalidInput`](ErrorKind::InvalidInput) if any message is invalid (nothing is
     /// written), [`NotInTransaction`](ErrorKind::NotInTransaction) if `conn` is not inside a
@@ -198,6 +199,62 @@ impl PgStore {
             .map(|m| partition_for(&m.key, inner.partitions))
             .collect();
         let (shared_locks, exclusive_locks) = self.lock_ids(messages, &partitions);
+        let inserted = if let ([m], [id], [partition]) = (messages, &ids[..], &partitions[..]) {
+            let locks = (shared_locks.first(), exclusive_locks.first());
+            self.insert_one(conn, m, *id, *partition, locks).await?
+        } else {
+            let locks = (shared_locks, exclusive_locks);
+            self.insert_many(conn, messages, &ids, &partitions, locks)
+                .await?
+        };
+        if usize::try_from(inserted).ok() != Some(messages.len()) {
+            return Err(Error::permanent(format!(
+                "enqueue inserted {inserted} of {} messages",
+                messages.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// One message: scalar parameters (`Statements::enqueue_one`). Returns the rows inserted.
+    async fn insert_one(
+        &self,
+        conn: &mut PgConnection,
+        m: &NewMessage,
+        id: MessageId,
+        partition: u32,
+        (shared_lock, exclusive_lock): (Option<&i64>, Option<&i64>),
+    ) -> Result<u64> {
+        let inner = &self.inner;
+        let done = sqlx::query(sql(&inner.sql.enqueue_one))
+            .bind(id.as_uuid())
+            .bind(m.topic.as_str())
+            .bind(m.key.as_str())
+            .bind(&m.payload[..])
+            .bind(Json(&m.headers))
+            // Partitions are below MAX_PARTITIONS (4,096).
+            .bind(i32::try_from(partition).unwrap_or(i32::MAX))
+            .bind(m.available_at)
+            .bind(shared_lock)
+            .bind(exclusive_lock)
+            .bind(&inner.channel)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db_error("enqueue", e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Any number of messages: one statement over arrays (`Statements::enqueue`). Returns the
+    /// rows inserted.
+    async fn insert_many(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[NewMessage],
+        ids: &[MessageId],
+        partitions: &[u32],
+        (shared_locks, exclusive_locks): (Vec<i64>, Vec<i64>),
+    ) -> Result<u64> {
+        let inner = &self.inner;
         let row = sqlx::query(sql(&inner.sql.enqueue))
             .bind(ids.iter().map(|id| id.as_uuid()).collect::<Vec<Uuid>>())
             .bind(
@@ -239,13 +296,7 @@ impl PgStore {
             .await
             .map_err(|e| db_error("enqueue", e))?;
         let inserted: i64 = row.try_get(0).map_err(|e| db_error("enqueue", e))?;
-        if usize::try_from(inserted).ok() != Some(messages.len()) {
-            return Err(Error::permanent(format!(
-                "enqueue inserted {inserted} of {} messages",
-                messages.len()
-            )));
-        }
-        Ok(ids)
+        Ok(u64::try_from(inserted).unwrap_or(0))
     }
 
     /// The advisory locks an enqueue takes: (shared, exclusive), each sorted. A batch with few

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use outbox_core::{DeadLetters, ErrorKind, Failure, MessageId, NewMessage, Store};
 
+use outbox_postgres::PgStore;
+
 use crate::common::{Db, msg, put, req};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -128,6 +130,84 @@ async fn a_bulk_enqueue_locks_partitions_and_waits_for_an_open_writer_of_one() {
     bulk.await.unwrap();
     assert_eq!(store.stats().await.unwrap().pending, 202);
     assert_eq!(other.len(), 1);
+    db.drop().await;
+}
+
+/// The advisory locks this session holds: (lock id, mode), sorted.
+async fn advisory_locks(conn: &mut sqlx::PgConnection) -> Vec<(i64, String)> {
+    sqlx::query_as(
+        "SELECT (classid::int8 << 32) | objid::int8, mode FROM pg_locks
+         WHERE locktype = 'advisory' AND objsubid = 1 AND pid = pg_backend_pid()
+         ORDER BY 1, 2",
+    )
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
+/// The stored columns of message `id`, as text.
+async fn stored_row(store: &PgStore, conn: &mut sqlx::PgConnection, id: MessageId) -> Vec<String> {
+    let sql = format!(
+        "SELECT ARRAY[topic, key, encode(payload, 'escape'), headers::text, partition::text,
+                      (available_at > now())::text]
+         FROM \"{}\".\"{}\" WHERE id = $1",
+        store.schema(),
+        store.outbox_table()
+    );
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(id.as_uuid())
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// One message goes in by a statement of its own (scalar parameters, no arrays); it must write
+/// the row and take the locks that the batch statement does for the same key, and none with
+/// key locks off.
+#[tokio::test]
+async fn a_single_message_enqueue_writes_and_locks_as_a_batch_does() {
+    let Some(db) = Db::fresh().await else { return };
+    let message = msg("orders", "order-7", "body")
+        .header("h", "v")
+        .available_at(chrono::Utc::now() + chrono::TimeDelta::hours(1));
+    for key_locks in [true, false] {
+        let store = PgStore::builder(db.pool.clone())
+            .schema(&db.schema)
+            .table_prefix(if key_locks { "locked" } else { "unlocked" })
+            .key_locks(key_locks)
+            .build()
+            .await
+            .unwrap();
+        let mut effects = Vec::new();
+        for batch in [
+            vec![message.clone()],
+            vec![message.clone(), message.clone()],
+        ] {
+            let mut tx = store.pool().begin().await.unwrap();
+            let ids = store.enqueue(&mut tx, &batch).await.unwrap();
+            assert_eq!(ids.len(), batch.len());
+            let row = stored_row(&store, &mut tx, ids[0]).await;
+            let locks = advisory_locks(&mut tx).await;
+            tx.commit().await.unwrap();
+            effects.push((row, locks));
+        }
+        let (single, batch) = (&effects[0], &effects[1]);
+        assert_eq!(single.0, batch.0, "rows (key locks {key_locks})");
+        assert_eq!(single.0[5], "true", "available_at kept");
+        assert_eq!(single.1, batch.1, "locks (key locks {key_locks})");
+        let modes: Vec<&str> = single.1.iter().map(|(_, m)| m.as_str()).collect();
+        if key_locks {
+            assert_eq!(modes.len(), 2, "{:?}", single.1);
+            assert!(modes.contains(&"ShareLock") && modes.contains(&"ExclusiveLock"));
+        } else {
+            assert!(
+                modes.is_empty(),
+                "no lock with key locks off: {:?}",
+                single.1
+            );
+        }
+        assert_eq!(store.stats().await.unwrap().pending, 3);
+    }
     db.drop().await;
 }
 
