@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use outbox_core::{
     Broker, DeadLetters, Error, ErrorKind, Inspect, Result, Store, UnroutablePolicy, redact_url,
+    url_secrets,
 };
 
 /// A store as a binary uses it through a URL: the relay side ([`Store`]), dead letters
@@ -400,19 +401,11 @@ pub async fn open_broker_with(url: &str, options: &BrokerOptions) -> Result<Arc<
 fn scrub(text: &str, url: &str) -> String {
     let redacted = redact_url(url);
     let mut out = text.replace(url, &redacted);
-    if let Some(password) = password_of(url)
-        && password.len() >= 3
-    {
-        out = out.replace(&password, "***");
+    // Shorter secrets would mask ordinary words.
+    for secret in url_secrets(url).iter().filter(|s| s.len() >= 3) {
+        out = out.replace(secret.as_str(), "***");
     }
     out
-}
-
-fn password_of(url: &str) -> Option<String> {
-    let rest = &url[url.find("://")? + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    Some(userinfo[userinfo.find(':')? + 1..].to_string())
 }
 
 /// An error opening `url`, of `kind`, whose text and cause never show the password.

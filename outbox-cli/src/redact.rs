@@ -20,12 +20,7 @@ fn secrets() -> &'static RwLock<Vec<String>> {
 /// Remember the password of `text` if it is a URL with one (user info or a `password=` query
 /// parameter), so that [`scrub`] masks it from then on. Other text is ignored.
 pub(crate) fn register(text: &str) {
-    let mut found = Vec::new();
-    if let Some(password) = userinfo_password(text) {
-        found.push(password.to_string());
-    }
-    found.extend(query_passwords(text).map(str::to_string));
-    for secret in found {
+    for secret in outbox::url_secrets(text) {
         register_secret(&secret);
     }
 }
@@ -55,42 +50,10 @@ pub(crate) fn scrub(text: &str) -> String {
     out
 }
 
-fn userinfo_password(url: &str) -> Option<&str> {
-    let rest = &url[url.find("://")? + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    Some(&userinfo[userinfo.find(':')? + 1..])
-}
-
-fn query_passwords(url: &str) -> impl Iterator<Item = &str> {
-    let query = url.split_once('?').map_or("", |(_, q)| q);
-    query.split('&').filter_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass")).then_some(v)
-    })
-}
-
 fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            )
-        {
-            // Two hex digits: at most 255.
-            out.push(u8::try_from(h * 16 + l).unwrap_or(u8::MAX));
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// A writer for the log subscriber that scrubs each write before it reaches stderr.
@@ -135,9 +98,9 @@ mod tests {
 
     #[test]
     fn urls_without_a_password_register_nothing() {
-        assert_eq!(userinfo_password("amqp://guest@host:5672/%2f"), None);
-        assert_eq!(userinfo_password("sqlite://app.db"), None);
-        assert_eq!(userinfo_password("postgres://a:b@c@h/x"), Some("b@c"));
+        assert!(outbox::url_secrets("amqp://guest@host:5672/%2f").is_empty());
+        assert!(outbox::url_secrets("sqlite://app.db").is_empty());
+        assert_eq!(outbox::url_secrets("postgres://a:b@c@h/x"), ["b@c"]);
         assert_eq!(percent_decode("a%2Fb%zz"), "a/b%zz");
     }
 }

@@ -46,7 +46,7 @@ pub use store::{
     BacklogStats, Claim, ClaimRequest, DeadLetters, Enqueue, Failure, Inspect, KeyOrder, Lease,
     PartitionLease, PartitionState, Store, TopicStats, Transactional,
 };
-pub use url::redact_url;
+pub use url::{redact_url, url_secrets};
 
 /// The most key partitions a store accepts. Every store's builder refuses more with
 /// [`ErrorKind::InvalidInput`].

@@ -16,6 +16,55 @@ pub fn redact_url(url: &str) -> String {
     redact_query(&with_userinfo)
 }
 
+/// The passwords `url` carries (of its user info, and of `password=` / `pass=` query
+/// parameters), each as written and, where it differs, percent-decoded, since a driver's
+/// message may quote either; empty ones are left out. Free text that a driver wrote about
+/// `url` is safe to show once each of them is replaced by `***`.
+///
+/// ```
+/// assert_eq!(
+///     outbox_core::url_secrets("mongodb://app:p%40ss@db/?replicaSet=rs0"),
+///     ["p%40ss", "p@ss"]
+/// );
+/// assert!(outbox_core::url_secrets("amqp://guest@host/%2f").is_empty());
+/// ```
+pub fn url_secrets(url: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    for written in userinfo_password(url)
+        .into_iter()
+        .chain(query_passwords(url))
+    {
+        if written.is_empty() {
+            continue;
+        }
+        secrets.push(written.to_string());
+        let decoded = percent_encoding::percent_decode_str(written).decode_utf8_lossy();
+        if decoded != written {
+            secrets.push(decoded.into_owned());
+        }
+    }
+    secrets
+}
+
+fn userinfo_password(url: &str) -> Option<&str> {
+    let rest = &url[url.find("://")? + 3..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    Some(&userinfo[userinfo.find(':')? + 1..])
+}
+
+fn query_passwords(url: &str) -> impl Iterator<Item = &str> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    query.split('&').filter_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        is_password_key(k).then_some(v)
+    })
+}
+
+fn is_password_key(key: &str) -> bool {
+    key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("pass")
+}
+
 fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
@@ -46,11 +95,7 @@ fn redact_query(url: &str) -> String {
     let parts: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((k, _))
-                if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
-            {
-                format!("{k}=***")
-            }
+            Some((k, _)) if is_password_key(k) => format!("{k}=***"),
             _ => pair.to_string(),
         })
         .collect();
@@ -91,6 +136,32 @@ mod tests {
             ("not a url", "not a url"),
         ] {
             assert_eq!(redact_url(url), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_the_passwords_as_written_and_decoded() {
+        assert_eq!(url_secrets("postgres://a:b@c@h/x"), ["b@c"]);
+        assert_eq!(
+            url_secrets("amqp://guest@host/%2f?password=hunter22"),
+            ["hunter22"]
+        );
+        assert_eq!(
+            url_secrets("postgres://u:s3cr%40t@h/x"),
+            ["s3cr%40t", "s3cr@t"]
+        );
+        // Invalid escapes are kept as they are.
+        assert_eq!(
+            url_secrets("mongodb://u:a%2Fb%zz%4@h/"),
+            ["a%2Fb%zz%4", "a/b%zz%4"]
+        );
+        for none in [
+            "amqp://guest@host:5672/%2f",
+            "sqlite://app.db",
+            "mongodb://u:@h/",
+            "not a url",
+        ] {
+            assert!(url_secrets(none).is_empty(), "{none}");
         }
     }
 }

@@ -123,71 +123,19 @@ pub async fn connect(url: &str) -> Result<Client> {
 }
 
 /// `url` with the password of its user information replaced by `***`
-/// (`mongodb://app:secret@db/` → `mongodb://app:***@db/`). A URL without a password comes
-/// back unchanged; text that is not a URL comes back unchanged too.
+/// (`mongodb://app:secret@db/` → `mongodb://app:***@db/`), as [`outbox_core::redact_url`]
+/// does for every URL. A URL without a password comes back unchanged; text that is not a URL
+/// comes back unchanged too.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    // The user information ends at the last '@' before the options: hosts never hold one, and
-    // a password's own '@' must be percent-encoded (the driver refuses it otherwise).
-    let before_options = rest.split('?').next().unwrap_or(rest);
-    let Some(at) = before_options.rfind('@') else {
-        return url.to_string();
-    };
-    let user_info = &rest[..at];
-    match user_info.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:{HIDDEN}{}", &rest[at..]),
-        None => url.to_string(),
-    }
+    outbox_core::redact_url(url)
 }
 
-/// `text` with every occurrence of the password of `url` (as written, and percent-decoded)
-/// replaced by `***`: for driver messages that may quote the URL.
+/// `text` with every password of `url` ([`outbox_core::url_secrets`]: as written, and
+/// percent-decoded) replaced by `***`: for driver messages that may quote the URL.
 fn scrub(text: &str, url: &str) -> String {
-    let Some((_, rest)) = url.split_once("://") else {
-        return text.to_string();
-    };
-    let before_options = rest.split('?').next().unwrap_or(rest);
-    let Some(at) = before_options.rfind('@') else {
-        return text.to_string();
-    };
-    let Some((_, password)) = rest[..at].split_once(':') else {
-        return text.to_string();
-    };
-    if password.is_empty() {
-        return text.to_string();
-    }
-    let mut out = text.replace(password, HIDDEN);
-    let decoded = percent_decode(password);
-    if !decoded.is_empty() && decoded != password {
-        out = out.replace(&decoded, HIDDEN);
-    }
-    out
-}
-
-/// Percent-decoding of `%XX` escapes (invalid escapes are kept as they are).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        if bytes[i] == b'%'
-            && let (Some(hi), Some(lo)) = (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            )
-        {
-            // Two hex digits: at most 0xff, so the value fits a byte.
-            out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    outbox_core::url_secrets(url)
+        .iter()
+        .fold(text.to_string(), |out, secret| out.replace(secret, HIDDEN))
 }
 
 #[cfg(test)]
@@ -254,6 +202,5 @@ mod tests {
         assert_eq!(scrub("bad password p%40ss", url), "bad password ***");
         assert_eq!(scrub("bad password p@ss", url), "bad password ***");
         assert_eq!(scrub("nothing secret", "mongodb://h/"), "nothing secret");
-        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 }

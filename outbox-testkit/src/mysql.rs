@@ -42,25 +42,6 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// `url` with its password, if any, replaced by `***`, for messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((user_info, host)) => {
-            let user = user_info
-                .split_once(':')
-                .map_or(user_info, |(user, _)| user);
-            let hidden = if user_info.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{path}")
-        }
-        None => url.to_string(),
-    }
-}
-
 /// The test server's URL (from `OUTBOX_TEST_MYSQL_URL`, else a container with feature
 /// `containers`; see [`resolve`](crate::backend::resolve)), once the server answered, or
 /// `None` (a loud skip; a panic if `OUTBOX_TEST_REQUIRE` names mysql). The first call in a
@@ -74,7 +55,7 @@ pub async fn mysql_url() -> Option<String> {
             Some(url)
         }
         Err(e) => {
-            crate::backend::unreachable_or_skip("mysql", &redact(&url), e)?;
+            crate::backend::unreachable_or_skip("mysql", &outbox_core::redact_url(&url), e)?;
             None
         }
     }
@@ -119,9 +100,13 @@ pub fn database_name() -> String {
 
 /// A pool on `url` with at most `max` connections (a 10 s acquire timeout).
 pub async fn pool(url: &str, max: u32) -> Result<MySqlPool> {
-    let options: MySqlConnectOptions = url
-        .parse()
-        .map_err(|e| Error::config(format!("invalid mysql URL {}", redact(url))).with_source(e))?;
+    let options: MySqlConnectOptions = url.parse().map_err(|e| {
+        Error::config(format!(
+            "invalid mysql URL {}",
+            outbox_core::redact_url(url)
+        ))
+        .with_source(e)
+    })?;
     pool_with(options, max).await
 }
 
@@ -251,7 +236,7 @@ impl MySqlHarness {
         let pool = match pool(&url, 16).await {
             Ok(pool) => pool,
             Err(e) => {
-                crate::backend::unreachable_or_skip("mysql", &redact(&url), e)?;
+                crate::backend::unreachable_or_skip("mysql", &outbox_core::redact_url(&url), e)?;
                 return None;
             }
         };
@@ -368,7 +353,7 @@ pub async fn mysql_store() -> Option<MySqlHarness> {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use outbox_core::redact_url as redact;
 
     #[test]
     fn passwords_are_redacted_from_urls() {

@@ -55,7 +55,7 @@ pub async fn postgres_url() -> Option<String> {
             Some(url)
         }
         Err(e) => {
-            crate::backend::unreachable_or_skip("postgres", &url, e)?;
+            crate::backend::unreachable_or_skip("postgres", &outbox_core::redact_url(&url), e)?;
             None
         }
     }
@@ -100,9 +100,13 @@ pub fn schema_name() -> String {
 /// A pool on `url` with at most `max` connections, tagged with `app` (`application_name`, to
 /// find a test's connections in `pg_stat_activity`).
 pub async fn pool(url: &str, max: u32, app: &str) -> Result<PgPool> {
-    let options: PgConnectOptions = url
-        .parse()
-        .map_err(|e| Error::config(format!("invalid postgres URL {url:?}")).with_source(e))?;
+    let options: PgConnectOptions = url.parse().map_err(|e| {
+        Error::config(format!(
+            "invalid postgres URL {}",
+            outbox_core::redact_url(url)
+        ))
+        .with_source(e)
+    })?;
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
@@ -222,7 +226,7 @@ impl PgHarness {
         let pool = match pool(&url, 16, "outbox-testkit-harness").await {
             Ok(pool) => pool,
             Err(e) => {
-                crate::backend::unreachable_or_skip("postgres", &url, e)?;
+                crate::backend::unreachable_or_skip("postgres", &outbox_core::redact_url(&url), e)?;
                 return None;
             }
         };
