@@ -194,18 +194,10 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let ids: Vec<MessageId> = messages.iter().map(|_| MessageId::new()).collect();
-        let partitions: Vec<u32> = messages
-            .iter()
-            .map(|m| partition_for(&m.key, inner.partitions))
-            .collect();
-        let (shared_locks, exclusive_locks) = self.lock_ids(messages, &partitions);
-        let inserted = if let ([m], [id], [partition]) = (messages, &ids[..], &partitions[..]) {
-            let locks = (shared_locks.first(), exclusive_locks.first());
-            self.insert_one(conn, m, *id, *partition, locks).await?
+        let inserted = if let ([m], [id]) = (messages, &ids[..]) {
+            self.insert_one(conn, m, *id).await?
         } else {
-            let locks = (shared_locks, exclusive_locks);
-            self.insert_many(conn, messages, &ids, &partitions, locks)
-                .await?
+            self.insert_many(conn, messages, &ids).await?
         };
         if usize::try_from(inserted).ok() != Some(messages.len()) {
             return Err(Error::permanent(format!(
@@ -216,16 +208,23 @@ impl PgStore {
         Ok(ids)
     }
 
-    /// One message: scalar parameters (`Statements::enqueue_one`). Returns the rows inserted.
+    /// One message: scalar parameters (`Statements::enqueue_one`), and the locks that
+    /// [`lock_ids`](Self::lock_ids) gives a one-key batch (its stripe shared, its key
+    /// exclusive), without building the sets. Returns the rows inserted.
     async fn insert_one(
         &self,
         conn: &mut PgConnection,
         m: &NewMessage,
         id: MessageId,
-        partition: u32,
-        (shared_lock, exclusive_lock): (Option<&i64>, Option<&i64>),
     ) -> Result<u64> {
         let inner = &self.inner;
+        let partition = partition_for(&m.key, inner.partitions);
+        let (shared_lock, exclusive_lock) = if inner.key_locks {
+            let stripe = self.lock_id("stripe", &(partition % LOCK_STRIPES).to_be_bytes());
+            (Some(stripe), Some(self.lock_id("key", m.key.as_bytes())))
+        } else {
+            (None, None)
+        };
         let done = sqlx::query(sql(&inner.sql.enqueue_one))
             .bind(id.as_uuid())
             .bind(m.topic.as_str())
@@ -251,10 +250,13 @@ impl PgStore {
         conn: &mut PgConnection,
         messages: &[NewMessage],
         ids: &[MessageId],
-        partitions: &[u32],
-        (shared_locks, exclusive_locks): (Vec<i64>, Vec<i64>),
     ) -> Result<u64> {
         let inner = &self.inner;
+        let partitions: Vec<u32> = messages
+            .iter()
+            .map(|m| partition_for(&m.key, inner.partitions))
+            .collect();
+        let (shared_locks, exclusive_locks) = self.lock_ids(messages, &partitions);
         let row = sqlx::query(sql(&inner.sql.enqueue))
             .bind(ids.iter().map(|id| id.as_uuid()).collect::<Vec<Uuid>>())
             .bind(
@@ -296,7 +298,7 @@ impl PgStore {
             .await
             .map_err(|e| db_error("enqueue", e))?;
         let inserted: i64 = row.try_get(0).map_err(|e| db_error("enqueue", e))?;
-        Ok(u64::try_from(inserted).unwrap_or(0))
+        Ok(count(inserted))
     }
 
     /// The advisory locks an enqueue takes: (shared, exclusive), each sorted. A batch with few
@@ -308,42 +310,47 @@ impl PgStore {
         if !self.inner.key_locks {
             return (Vec::new(), Vec::new());
         }
-        let names = &self.inner.names;
-        let lock_id = |kind: &str, item: &[u8]| -> i64 {
-            let mut bytes = Vec::with_capacity(64 + item.len());
-            for part in [
-                b"outbox-postgres".as_slice(),
-                kind.as_bytes(),
-                names.schema.as_bytes(),
-                names.outbox.as_bytes(),
-                item,
-            ] {
-                bytes.extend_from_slice(part);
-                bytes.push(0);
-            }
-            // Advisory lock ids are int8: the hash's bits, reinterpreted.
-            fnv64(&bytes).cast_signed()
-        };
         let keys: BTreeSet<&str> = messages.iter().map(|m| m.key.as_str()).collect();
         let stripes: BTreeSet<u32> = partitions.iter().map(|p| p % LOCK_STRIPES).collect();
         let stripe_locks = || -> Vec<i64> {
             let mut v: Vec<i64> = stripes
                 .iter()
-                .map(|s| lock_id("stripe", &s.to_be_bytes()))
+                .map(|s| self.lock_id("stripe", &s.to_be_bytes()))
                 .collect();
             v.sort_unstable();
             v.dedup();
             v
         };
         if keys.len() <= KEY_LOCK_LIMIT {
-            let mut key_locks: Vec<i64> =
-                keys.iter().map(|k| lock_id("key", k.as_bytes())).collect();
+            let mut key_locks: Vec<i64> = keys
+                .iter()
+                .map(|k| self.lock_id("key", k.as_bytes()))
+                .collect();
             key_locks.sort_unstable();
             key_locks.dedup();
             (stripe_locks(), key_locks)
         } else {
             (Vec::new(), stripe_locks())
         }
+    }
+
+    /// The advisory lock id of a `kind` ("key" or "stripe") `item` of this store's outbox: a
+    /// hash of the store's names and the item, as `<outbox>_enqueue` in SQL computes it.
+    fn lock_id(&self, kind: &str, item: &[u8]) -> i64 {
+        let names = &self.inner.names;
+        let mut bytes = Vec::with_capacity(64 + item.len());
+        for part in [
+            b"outbox-postgres".as_slice(),
+            kind.as_bytes(),
+            names.schema.as_bytes(),
+            names.outbox.as_bytes(),
+            item,
+        ] {
+            bytes.extend_from_slice(part);
+            bytes.push(0);
+        }
+        // Advisory lock ids are int8: the hash's bits, reinterpreted.
+        fnv64(&bytes).cast_signed()
     }
 
     /// Record that `consumer` handled message `id`, inside the caller's transaction (the one
