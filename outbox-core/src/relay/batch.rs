@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use chrono::Utc;
 use metrics::{counter, histogram};
-use rand::SeedableRng;
 use tracing::{debug, info_span, warn};
 
 use super::health::{StoreCall, is_unavailable};
@@ -254,8 +253,7 @@ impl Relay {
             Err(error) => {
                 let attempts = message.attempts.saturating_add(1);
                 let permanent = error.kind() == ErrorKind::Permanent;
-                let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
-                let retry_after = match cfg.retry.decide(attempts, permanent, &mut rng) {
+                let retry_after = match cfg.retry.decide(attempts, permanent, &mut rand::rng()) {
                     RetryDecision::RetryAfter(d) => Some(d),
                     RetryDecision::DeadLetter => None,
                 };
@@ -333,7 +331,8 @@ impl Relay {
     }
 
     /// A store call on the relay's behalf: retried [`SETTLE_RETRIES`] times on a retryable
-    /// error (doubling twice from [`SETTLE_RETRY_INITIAL`]), each try bounded by the lease.
+    /// error (from [`SETTLE_RETRY_INITIAL`], four times longer after each try), each try bounded
+    /// by the lease.
     async fn store_call<F, Fut>(&self, mut call: F) -> Result<()>
     where
         F: FnMut() -> Fut,
