@@ -91,6 +91,23 @@ impl StoreKind {
         })
     }
 
+    /// `url` as its driver takes it: `mariadb://…` becomes `mysql://…` (sqlx speaks the
+    /// latter, and it is the same protocol); any other URL comes back as it is.
+    ///
+    /// ```
+    /// use outbox::registry::StoreKind;
+    /// assert_eq!(StoreKind::driver_url("mariadb://root@db/app"), "mysql://root@db/app");
+    /// assert_eq!(StoreKind::driver_url("postgres://db/app"), "postgres://db/app");
+    /// ```
+    pub fn driver_url(url: &str) -> std::borrow::Cow<'_, str> {
+        match url.get(..10) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("mariadb://") => {
+                format!("mysql://{}", &url[10..]).into()
+            }
+            _ => url.into(),
+        }
+    }
+
     fn scheme(self) -> Scheme {
         let (name, feature, enabled) = match self {
             StoreKind::Memory => ("memory", None, true),

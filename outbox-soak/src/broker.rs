@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use outbox::registry::BrokerKind;
 use outbox::testkit::proxy::FaultProxy;
 use tokio::process::Command;
 use url::Url;
@@ -87,19 +88,19 @@ pub(crate) enum BrokerArg {
 impl BrokerArg {
     /// Parse `--broker`.
     pub(crate) fn parse(text: &str) -> Result<BrokerArg> {
-        let lower = text.trim().to_ascii_lowercase();
-        if lower.starts_with("amqp://") || lower.starts_with("amqps://") {
-            Ok(BrokerArg::Amqp(text.trim().to_string()))
-        } else if lower == "nisshi" {
-            Ok(BrokerArg::Nisshi)
-        } else if let Some(rest) = text.trim().strip_prefix("kafka://") {
-            let rest = rest.trim_end_matches('/');
-            if rest.is_empty() {
-                bail!("kafka:// names no bootstrap server: use kafka://host:port");
-            }
-            Ok(BrokerArg::Kafka(rest.to_string()))
-        } else {
-            bail!("--broker must be amqp://…, kafka://host:port or nisshi (a broker of its own)")
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("nisshi") {
+            return Ok(BrokerArg::Nisshi);
+        }
+        match BrokerKind::of(text) {
+            Some(BrokerKind::Amqp) => Ok(BrokerArg::Amqp(text.to_string())),
+            Some(BrokerKind::Kafka) => match BrokerKind::kafka_bootstrap(text) {
+                Some(servers) if !servers.is_empty() => Ok(BrokerArg::Kafka(servers.to_string())),
+                _ => bail!("kafka:// names no bootstrap server: use kafka://host:port"),
+            },
+            _ => bail!(
+                "--broker must be amqp://…, kafka://host:port or nisshi (a broker of its own)"
+            ),
         }
     }
 

@@ -108,22 +108,10 @@ pub(super) async fn mysql(url: &StoreUrl, o: &StoreOptions) -> Result<Arc<dyn Ou
     let pool = sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(o.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
         .acquire_timeout(CONNECT_TIMEOUT)
-        .connect(&mysql_url(url))
+        .connect(&StoreKind::driver_url(url.expose()))
         .await
         .map_err(|e| super::open_error(connect_kind(&e), "cannot connect to", url.expose(), &e))?;
     Ok(Arc::new(mysql_builder(pool, o).build().await?))
-}
-
-/// sqlx speaks `mysql://`; `mariadb://` names the same protocol.
-#[cfg(feature = "mysql")]
-fn mysql_url(url: &StoreUrl) -> String {
-    let text = url.expose();
-    match text.get(..10) {
-        Some(scheme) if scheme.eq_ignore_ascii_case("mariadb://") => {
-            format!("mysql://{}", &text[10..])
-        }
-        _ => text.to_string(),
-    }
 }
 
 #[cfg(feature = "mysql")]
@@ -190,7 +178,7 @@ pub(super) fn schema_sql(url: &StoreUrl, o: &StoreOptions) -> Result<String> {
         #[cfg(feature = "mysql")]
         StoreKind::MySql => {
             let pool = sqlx::mysql::MySqlPoolOptions::new()
-                .connect_lazy(&mysql_url(url))
+                .connect_lazy(&StoreKind::driver_url(url.expose()))
                 .map_err(|e| super::open_error(ErrorKind::Config, "bad URL", url.expose(), &e))?;
             mysql_builder(pool, o).schema_sql()
         }

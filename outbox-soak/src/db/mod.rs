@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result, bail};
 use outbox::MessageId;
+use outbox::registry::StoreKind;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
@@ -124,29 +125,21 @@ impl RunNames {
 
 /// The kind of store `url` names, or an error for stores the soak cannot run.
 pub(crate) fn kind_of(url: &str) -> Result<DbKind> {
-    let lower = url.trim().to_ascii_lowercase();
-    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
-        Ok(DbKind::Postgres)
-    } else if lower.starts_with("mysql://") || lower.starts_with("mariadb://") {
-        Ok(DbKind::MySql)
-    } else if lower.starts_with("mongodb") {
-        bail!(
+    match StoreKind::of(url) {
+        Some(StoreKind::Postgres) => Ok(DbKind::Postgres),
+        Some(StoreKind::MySql) => Ok(DbKind::MySql),
+        Some(StoreKind::Mongo) => bail!(
             "MongoDB stores are not supported by outbox-soak yet: it runs PostgreSQL and \
              MySQL/MariaDB (postgres://…, mysql://…)"
-        )
-    } else {
-        bail!("--store must be a postgres:// or mysql:// URL")
+        ),
+        _ => bail!("--store must be a postgres:// or mysql:// URL"),
     }
 }
 
 /// `url` parsed, with `mariadb://` read as `mysql://` (sqlx speaks the latter).
 pub(crate) fn parse_url(url: &str) -> Result<Url> {
     let url = url.trim();
-    let text = match url.get(..10) {
-        Some(s) if s.eq_ignore_ascii_case("mariadb://") => format!("mysql://{}", &url[10..]),
-        _ => url.to_string(),
-    };
-    let parsed = Url::parse(&text)
+    let parsed = Url::parse(&StoreKind::driver_url(url))
         .map_err(|e| anyhow::anyhow!("bad --store URL {}: {e}", outbox::redact_url(url)))?;
     if parsed.host_str().is_none_or(str::is_empty) {
         bail!(
@@ -250,6 +243,14 @@ impl Admin {
         match self {
             Admin::Pg(a) => a.writer_url(),
             Admin::My(a) => a.writer_url(),
+        }
+    }
+
+    /// The run's schema (PostgreSQL) or database (MySQL).
+    pub(crate) fn schema(&self) -> &str {
+        match self {
+            Admin::Pg(a) => a.schema(),
+            Admin::My(a) => a.schema(),
         }
     }
 

@@ -161,6 +161,11 @@ impl MyAdmin {
         self.url.clone()
     }
 
+    /// The run's schema (PostgreSQL) or database (MySQL).
+    pub(crate) fn schema(&self) -> &str {
+        &self.names.schema
+    }
+
     /// Directly, as the run's account.
     pub(crate) fn consumer_url(&self) -> Url {
         as_run_user(&self.url, &self.names).unwrap_or_else(|_| self.url.clone())

@@ -117,6 +117,11 @@ impl PgAdmin {
         with_param(&self.url, "application_name", &self.names.writer_app)
     }
 
+    /// The run's schema (PostgreSQL) or database (MySQL).
+    pub(crate) fn schema(&self) -> &str {
+        &self.names.schema
+    }
+
     /// As the consumers' application name.
     pub(crate) fn consumer_url(&self) -> Url {
         with_param(&self.url, "application_name", &self.names.consumer_app)

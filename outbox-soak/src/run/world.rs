@@ -309,7 +309,7 @@ fn plan_of(s: &Settings, admin: &Admin, broker: &Broker, topic: String) -> Plan 
             kind: s.db,
             writer_url: admin.writer_url().to_string(),
             consumer_url: admin.consumer_url().to_string(),
-            schema: format!("outbox_soak_{}", s.run_id),
+            schema: admin.schema().to_string(),
         },
         broker: broker.consumer_plan(&topic),
         topic,

@@ -58,13 +58,7 @@ async fn postgres_version(url: &str) -> Result<String, String> {
 
 #[cfg(feature = "mysql")]
 async fn mysql_version(url: &str) -> Result<String, String> {
-    // sqlx speaks `mysql://`; the registry also takes `mariadb://` for the same protocol.
-    let url = match url.get(..10) {
-        Some(scheme) if scheme.eq_ignore_ascii_case("mariadb://") => {
-            format!("mysql://{}", &url[10..])
-        }
-        _ => url.to_string(),
-    };
+    let url = StoreKind::driver_url(url);
     let pool = outbox::sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(CONNECT_TIMEOUT)
