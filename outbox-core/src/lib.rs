@@ -52,6 +52,18 @@ pub use url::{redact_url, url_secrets};
 /// [`ErrorKind::InvalidInput`].
 pub const MAX_PARTITIONS: u32 = 4_096;
 
+/// The check every store's builder makes of its partition count.
+///
+/// Errors: [`ErrorKind::InvalidInput`] unless `partitions` is within `1..=MAX_PARTITIONS`.
+pub fn check_partition_count(partitions: u32) -> Result<()> {
+    if partitions == 0 || partitions > MAX_PARTITIONS {
+        return Err(Error::invalid(format!(
+            "the partition count must be within 1..={MAX_PARTITIONS}, not {partitions}"
+        )));
+    }
+    Ok(())
+}
+
 pub use async_trait::async_trait;
 pub use bytes::Bytes;
 pub use chrono;

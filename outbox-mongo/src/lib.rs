@@ -200,12 +200,7 @@ impl MongoStoreBuilder {
 
     fn check_settings(&self) -> Result<Names> {
         let names = Names::new(self.database.name(), &self.prefix)?;
-        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
-            return Err(Error::invalid(format!(
-                "the partition count must be within 1..={MAX_PARTITIONS}, not {}",
-                self.partitions
-            )));
-        }
+        outbox_core::check_partition_count(self.partitions)?;
         if self.limits.max_payload_bytes > MAX_PAYLOAD_BYTES {
             return Err(Error::invalid(format!(
                 "the payload limit of {} bytes is over the {MAX_PAYLOAD_BYTES} bytes a MongoDB \

@@ -304,12 +304,7 @@ impl MySqlStoreBuilder {
     /// Check what can be checked without the server: the partition count and the limits
     /// against the columns.
     fn check_settings(&self) -> Result<()> {
-        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
-            return Err(Error::invalid(format!(
-                "the partition count must be within 1..={MAX_PARTITIONS}, not {}",
-                self.partitions
-            )));
-        }
+        outbox_core::check_partition_count(self.partitions)?;
         if self.limits.max_key_bytes > MAX_KEY_BYTES
             || self.limits.max_topic_bytes > MAX_TOPIC_BYTES
         {

@@ -96,7 +96,7 @@ mod store;
 
 use std::sync::{Arc, Mutex};
 
-use outbox_core::{Error, Limits, Result};
+use outbox_core::{Limits, Result};
 use sqlx::PgPool;
 
 use crate::listener::Listener;
@@ -217,21 +217,11 @@ impl PgStoreBuilder {
         )
     }
 
-    fn check_partitions(&self) -> Result<()> {
-        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
-            return Err(Error::invalid(format!(
-                "the partition count must be within 1..={MAX_PARTITIONS}, not {}",
-                self.partitions
-            )));
-        }
-        Ok(())
-    }
-
     /// The schema for this configuration (schema-qualified names, this partition count), for
     /// users who run their own migrations. Does not touch the database. The schema itself
     /// must exist.
     pub fn schema_sql(&self) -> Result<String> {
-        self.check_partitions()?;
+        outbox_core::check_partition_count(self.partitions)?;
         Ok(schema::render(&self.names()?, self.partitions, true))
     }
 
@@ -243,7 +233,7 @@ impl PgStoreBuilder {
     /// or hold another partition count, and the database's errors.
     pub async fn build(self) -> Result<PgStore> {
         let names = self.names()?;
-        self.check_partitions()?;
+        outbox_core::check_partition_count(self.partitions)?;
         let statements = Statements::new(&names);
         if self.migrate {
             schema::migrate(&self.pool, &names, self.partitions).await?;

@@ -154,7 +154,7 @@ impl SqliteStoreBuilder {
     /// Errors: [`InvalidInput`](outbox_core::ErrorKind::InvalidInput) for a bad prefix or
     /// partition count.
     pub fn schema_sql(&self) -> Result<String> {
-        check_partitions(self.partitions)?;
+        outbox_core::check_partition_count(self.partitions)?;
         Ok(schema::render(
             &Names::new(&self.table_prefix)?,
             self.partitions,
@@ -171,7 +171,7 @@ impl SqliteStoreBuilder {
     /// tables are missing or hold another partition count, and the database's errors.
     pub async fn build(self) -> Result<SqliteStore> {
         let names = Names::new(&self.table_prefix)?;
-        check_partitions(self.partitions)?;
+        outbox_core::check_partition_count(self.partitions)?;
         if self.migrate {
             schema::migrate(&self.pool, &names, self.partitions).await?;
         }
@@ -188,15 +188,6 @@ impl SqliteStoreBuilder {
             }),
         })
     }
-}
-
-fn check_partitions(partitions: u32) -> Result<()> {
-    if partitions == 0 || partitions > MAX_PARTITIONS {
-        return Err(Error::invalid(format!(
-            "the partition count must be within 1..={MAX_PARTITIONS}, not {partitions}"
-        )));
-    }
-    Ok(())
 }
 
 struct Inner {
