@@ -13,7 +13,6 @@ use mongodb::options::{
 };
 use mongodb::{ClientSession, Collection};
 use outbox_core::{Error, ErrorKind, Result};
-use rand::Rng;
 
 use crate::error::{is_duplicate_key, is_transient_transaction_error, mongo_error};
 use crate::queries;
@@ -97,10 +96,17 @@ pub(crate) async fn commit(session: &mut ClientSession) -> mongodb::error::Resul
     }
 }
 
-/// A jittered backoff of `base` doubled `attempt` times, at most `max`.
+/// A jittered backoff of `base` doubled `attempt` times, at most `max`: the relay's
+/// [`RetryPolicy`](outbox_core::RetryPolicy) with 50 % jitter.
 pub(crate) fn backoff(base: Duration, attempt: u32, max: Duration) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.min(16)).min(max);
-    exp.mul_f64(rand::rng().random_range(0.5..=1.0))
+    let policy = outbox_core::RetryPolicy {
+        initial: base,
+        max,
+        multiplier: 2.0,
+        jitter: 0.5,
+        max_attempts: u32::MAX,
+    };
+    policy.delay(attempt.saturating_add(1), &mut rand::rng())
 }
 
 /// The driver error behind an outbox error, if there is one.
