@@ -17,9 +17,12 @@
 -- names are unqualified, the function finds its tables through the caller's search_path:
 -- call it with the schema you applied this file in on the search_path.
 
+-- `seq` orders the messages of a partition (through the ready index) and needs no index of
+-- its own; `id` is the key every lookup by message uses. Each index is one more entry written
+-- by every enqueue, in the caller's transaction.
 CREATE TABLE IF NOT EXISTS outbox (
-    seq          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id           uuid        NOT NULL UNIQUE,
+    seq          bigint      GENERATED ALWAYS AS IDENTITY,
+    id           uuid        PRIMARY KEY,
     topic        text        NOT NULL,
     key          text        NOT NULL,
     payload      bytea       NOT NULL,
@@ -32,6 +35,33 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts     integer     NOT NULL DEFAULT 0,
     last_error   text
 );
+
+-- Upgrade an outbox table of version 1, whose primary key was `seq` and `id` UNIQUE: `id`
+-- becomes the primary key (its index is built anew, writes wait meanwhile) and `seq` loses
+-- its index.
+DO $outbox$
+DECLARE
+    v_pk text;
+    v_unique text;
+BEGIN
+    SELECT c.conname INTO v_pk
+    FROM pg_catalog.pg_constraint c
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+    WHERE c.conrelid = 'outbox'::regclass AND c.contype = 'p' AND a.attname = 'seq';
+    IF v_pk IS NOT NULL THEN
+        SELECT c.conname INTO v_unique
+        FROM pg_catalog.pg_constraint c
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+        WHERE c.conrelid = 'outbox'::regclass AND c.contype = 'u' AND a.attname = 'id'
+          AND cardinality(c.conkey) = 1;
+        EXECUTE format('ALTER TABLE outbox DROP CONSTRAINT %I', v_pk);
+        IF v_unique IS NOT NULL THEN
+            EXECUTE format('ALTER TABLE outbox DROP CONSTRAINT %I', v_unique);
+        END IF;
+        EXECUTE format('ALTER TABLE outbox ADD CONSTRAINT %I PRIMARY KEY (id)', v_pk);
+    END IF;
+END
+$outbox$;
 
 -- Claim: the pending rows of a partition in sequence order.
 CREATE INDEX IF NOT EXISTS outbox_ready_idx ON outbox (partition, seq)

@@ -14,9 +14,12 @@ const MIGRATION_LOCK: &str = "outbox-postgres migrate";
 /// The schema template. `{outbox}`, `{partitions}` and `{inbox}` are the table names (qualified
 /// or not), `{outbox_*_idx}` / `{inbox_*_idx}` the index names (never qualified: an index lives
 /// in its table's schema), `{max_partition}` the highest partition number.
-const TEMPLATE: &str = r#"CREATE TABLE IF NOT EXISTS {outbox} (
-    seq          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id           uuid        NOT NULL UNIQUE,
+const TEMPLATE: &str = r#"-- `seq` orders the messages of a partition (through the ready index) and needs no index of
+-- its own; `id` is the key every lookup by message uses. Each index is one more entry written
+-- by every enqueue, in the caller's transaction.
+CREATE TABLE IF NOT EXISTS {outbox} (
+    seq          bigint      GENERATED ALWAYS AS IDENTITY,
+    id           uuid        PRIMARY KEY,
     topic        text        NOT NULL,
     key          text        NOT NULL,
     payload      bytea       NOT NULL,
@@ -29,6 +32,33 @@ const TEMPLATE: &str = r#"CREATE TABLE IF NOT EXISTS {outbox} (
     attempts     integer     NOT NULL DEFAULT 0,
     last_error   text
 );
+
+-- Upgrade an outbox table of version 1, whose primary key was `seq` and `id` UNIQUE: `id`
+-- becomes the primary key (its index is built anew, writes wait meanwhile) and `seq` loses
+-- its index.
+DO $outbox$
+DECLARE
+    v_pk text;
+    v_unique text;
+BEGIN
+    SELECT c.conname INTO v_pk
+    FROM pg_catalog.pg_constraint c
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+    WHERE c.conrelid = '{outbox}'::regclass AND c.contype = 'p' AND a.attname = 'seq';
+    IF v_pk IS NOT NULL THEN
+        SELECT c.conname INTO v_unique
+        FROM pg_catalog.pg_constraint c
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+        WHERE c.conrelid = '{outbox}'::regclass AND c.contype = 'u' AND a.attname = 'id'
+          AND cardinality(c.conkey) = 1;
+        EXECUTE format('ALTER TABLE {outbox} DROP CONSTRAINT %I', v_pk);
+        IF v_unique IS NOT NULL THEN
+            EXECUTE format('ALTER TABLE {outbox} DROP CONSTRAINT %I', v_unique);
+        END IF;
+        EXECUTE format('ALTER TABLE {outbox} ADD CONSTRAINT %I PRIMARY KEY (id)', v_pk);
+    END IF;
+END
+$outbox$;
 
 -- Claim: the pending rows of a partition in sequence order.
 CREATE INDEX IF NOT EXISTS {outbox_ready_idx} ON {outbox} (partition, seq)
@@ -466,10 +496,12 @@ pub(crate) async fn migrate(pool: &PgPool, names: &Names, partitions: u32) -> Re
     // on the table first, which would queue behind open transactions that enqueued and block
     // every enqueue behind it, on each start of each process.
     let statements = Statements::new(names);
-    let needs_ddl = !missing_relations(&mut tx, names).await?.is_empty() || {
-        let (count, _, _) = partition_rows(&mut tx, &statements).await?;
-        count == 0
-    };
+    let needs_ddl = !missing_relations(&mut tx, names).await?.is_empty()
+        || !primary_key_current(&mut tx, names).await?
+        || {
+            let (count, _, _) = partition_rows(&mut tx, &statements).await?;
+            count == 0
+        };
     if needs_ddl {
         sqlx::raw_sql(AssertSqlSafe(render(names, partitions, true)))
             .execute(&mut *tx)
@@ -522,6 +554,22 @@ async fn missing_relations(conn: &mut PgConnection, names: &Names) -> Result<Vec
     .map_err(|e| db_error("look up the outbox tables", e))
 }
 
+/// Whether the outbox table's primary key is this version's, `(id)`; version 1's was
+/// `(seq)`, which the template upgrades.
+async fn primary_key_current(conn: &mut PgConnection, names: &Names) -> Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (
+            SELECT 1 FROM pg_catalog.pg_constraint c
+            JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+            WHERE c.conrelid = to_regclass($1) AND c.contype = 'p'
+              AND cardinality(c.conkey) = 1 AND a.attname = 'id')",
+    )
+    .bind(names.qualified(&names.outbox))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| db_error("look up the outbox table's primary key", e))
+}
+
 /// Whether the SQL functions exist and are this version's (their comment says so).
 async fn routines_current(conn: &mut PgConnection, names: &Names) -> Result<bool> {
     let [hash_fn, enqueue_fn] = names.routines();
@@ -553,6 +601,14 @@ pub(crate) async fn check(
              migration (PgStore::builder(pool).migrate(true), or `outbox migrate`) or apply the \
              crate's sql/schema.sql",
             missing.join(", ")
+        )));
+    }
+    if !primary_key_current(&mut conn, names).await? {
+        return Err(Error::config(format!(
+            "the outbox table {}.{} is from version 1 (its primary key is seq, not id): run \
+             the migration (PgStoreBuilder::migrate(true), or `outbox migrate`) or apply the \
+             crate's sql/schema.sql, which upgrade it in place",
+            names.schema, names.outbox
         )));
     }
     check_partition_rows(&mut conn, names, statements, partitions).await?;

@@ -380,10 +380,11 @@ SELECT (SELECT ok FROM fence) AS held, (SELECT count(*) FROM done) AS marked",
     )
 }
 
-/// Delete up to `$2` published messages older than `$1` µs.
+/// Delete up to `$2` published messages older than `$1` µs (found through the published
+/// index, deleted through the primary key).
 fn purge() -> String {
-    "DELETE FROM {OUTBOX} WHERE seq IN (
-    SELECT seq FROM {OUTBOX}
+    "DELETE FROM {OUTBOX} WHERE id IN (
+    SELECT id FROM {OUTBOX}
     WHERE published_at IS NOT NULL
       AND published_at < now() - $1::int8 * interval '1 microsecond'
     ORDER BY published_at

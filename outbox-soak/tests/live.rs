@@ -156,8 +156,8 @@ async fn delete_committed_rows(pg: &str, schema: &str, n: i64, delete: i64) -> V
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     sqlx::query_scalar(AssertSqlSafe(format!(
-        "DELETE FROM \"{schema}\".outbox WHERE seq IN \
-         (SELECT seq FROM \"{schema}\".outbox ORDER BY seq LIMIT {delete}) RETURNING id"
+        "DELETE FROM \"{schema}\".outbox WHERE id IN \
+         (SELECT id FROM \"{schema}\".outbox ORDER BY seq LIMIT {delete}) RETURNING id"
     )))
     .fetch_all(&pool)
     .await

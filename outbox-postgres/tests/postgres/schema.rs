@@ -308,3 +308,110 @@ async fn schema_sql_renders_the_configured_names() {
     assert_eq!(store.partitions_table(), "custom_partitions");
     db.drop().await;
 }
+
+/// Version 1's outbox table: `seq` was the primary key and `id` a second unique index.
+const VERSION_1_OUTBOX: &str = "
+CREATE TABLE outbox (
+    seq          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           uuid        NOT NULL UNIQUE,
+    topic        text        NOT NULL,
+    key          text        NOT NULL,
+    payload      bytea       NOT NULL,
+    headers      jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    partition    integer     NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    available_at timestamptz NOT NULL DEFAULT now(),
+    published_at timestamptz,
+    dead_at      timestamptz,
+    attempts     integer     NOT NULL DEFAULT 0,
+    last_error   text
+);
+CREATE INDEX outbox_ready_idx ON outbox (partition, seq)
+    WHERE published_at IS NULL AND dead_at IS NULL;
+CREATE INDEX outbox_key_idx ON outbox (partition, key, available_at)
+    WHERE published_at IS NULL AND dead_at IS NULL;
+CREATE INDEX outbox_published_idx ON outbox (published_at) WHERE published_at IS NOT NULL;
+CREATE INDEX outbox_dead_idx ON outbox (seq) WHERE dead_at IS NOT NULL AND published_at IS NULL;
+CREATE INDEX outbox_dead_key_idx ON outbox (partition, key, seq)
+    WHERE dead_at IS NOT NULL AND published_at IS NULL;";
+
+#[tokio::test]
+async fn a_version_1_outbox_table_is_upgraded_in_place_with_its_messages() {
+    use outbox_core::{Inspect, Store};
+    let Some(db) = Db::fresh().await else { return };
+    // The current schema, with version 1's outbox table in place of this version's.
+    db.store(8).await;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "SET search_path TO \"{0}\"; DROP TABLE outbox; {VERSION_1_OUTBOX} RESET search_path;",
+        db.schema
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let old = PgStore::builder(db.pool.clone())
+        .schema(&db.schema)
+        .partitions(8)
+        .migrate(false)
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(old.kind(), ErrorKind::Config);
+    assert!(old.to_string().contains("version 1"), "{old}");
+
+    // Messages written before the upgrade, by version 1's SQL function ...
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let id: uuid::Uuid = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT \"{}\".outbox_enqueue('t', 'k', convert_to($1, 'UTF8'))",
+            db.schema
+        )))
+        .bind(i.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        ids.push(outbox_core::MessageId::from_uuid(id));
+    }
+
+    // ... are there after it, in order, and the schema is the one a fresh migration makes.
+    let store = db.store(8).await;
+    store.check_schema().await.unwrap();
+    let fresh = schema_name();
+    PgStore::builder(db.pool.clone())
+        .schema(&fresh)
+        .partitions(8)
+        .build()
+        .await
+        .unwrap();
+    let upgraded = describe(&db.pool, &db.schema).await;
+    assert!(
+        upgraded
+            .iter()
+            .any(|l| l == "constraint outbox outbox_pkey PRIMARY KEY (id)"),
+        "{upgraded:#?}"
+    );
+    let fresh_lines: Vec<String> = describe(&db.pool, &fresh)
+        .await
+        .into_iter()
+        .filter(|l| !l.starts_with("partition "))
+        .collect();
+    let upgraded: Vec<String> = upgraded
+        .into_iter()
+        .filter(|l| !l.starts_with("partition "))
+        .collect();
+    assert_eq!(upgraded, fresh_lines);
+    let claim = store
+        .claim(&crate::common::req(
+            "r",
+            10,
+            std::time::Duration::from_secs(30),
+        ))
+        .await
+        .unwrap()
+        .expect("the messages are claimable");
+    let claimed: Vec<_> = claim.messages.iter().map(|m| m.id).collect();
+    assert_eq!(claimed, ids);
+    store.settle(&claim.lease, &ids, &[]).await.unwrap();
+    assert_eq!(store.stats().await.unwrap().published, 5);
+    drop_schema(&db.pool, &fresh).await;
+    db.drop().await;
+}
