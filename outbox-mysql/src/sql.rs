@@ -140,7 +140,14 @@ pub(crate) struct Statements {
     pub(crate) topic_stats: String,
     /// No parameters.
     pub(crate) partitions_view: String,
+    /// See [`Statements::insert_locked`].
+    insert_locked: String,
 }
+
+/// The columns [`Statements::insert`] writes, and the values of one row.
+const INSERT_COLUMNS: &str =
+    "id, topic, `key`, payload, headers, `partition`, state, created_at, available_at";
+const INSERT_ROW: &str = "?, ?, ?, ?, ?, ?, 0, UTC_TIMESTAMP(6), COALESCE(?, UTC_TIMESTAMP(6))";
 
 impl Statements {
     pub(crate) fn new(names: &Names) -> Statements {
@@ -179,6 +186,11 @@ LIMIT ?"
             ),
             topic_stats: fill(TOPIC_STATS.to_string()),
             partitions_view: fill(PARTITIONS_VIEW.to_string()),
+            insert_locked: fill(format!(
+                "INSERT INTO {{T}} ({INSERT_COLUMNS})
+SELECT {INSERT_ROW}
+FROM {{K}} FORCE INDEX (PRIMARY) WHERE stripe = ? FOR UPDATE"
+            )),
             outbox,
             partitions,
             key_locks: names.qualified(Table::KeyLocks),
@@ -353,14 +365,20 @@ WHERE id IN ({}) AND state = 2",
     /// A multi-row insert of `rows` messages: per row `?` id, `?` topic, `?` key, `?`
     /// payload, `?` headers, `?` partition, `?` available_at (NULL: now).
     pub(crate) fn insert(&self, rows: usize) -> String {
-        let row = "(?, ?, ?, ?, ?, ?, 0, UTC_TIMESTAMP(6), COALESCE(?, UTC_TIMESTAMP(6)))";
+        let row = format!("({INSERT_ROW})");
         format!(
-            "INSERT INTO {} (id, topic, `key`, payload, headers, `partition`, state, created_at, \
-             available_at)
+            "INSERT INTO {} ({INSERT_COLUMNS})
 VALUES {}",
             self.outbox,
             vec![row; rows.max(1)].join(",\n       ")
         )
+    }
+
+    /// One message's row (the parameters of [`insert`](Self::insert)'s row), then `?` its key
+    /// stripe, whose row is locked as [`lock_stripes`](Self::lock_stripes) locks it: inserts
+    /// nothing if the stripe row is missing.
+    pub(crate) fn insert_locked(&self) -> &str {
+        &self.insert_locked
     }
 }
 
@@ -460,6 +478,7 @@ mod tests {
             s.delete_dead(4),
             s.lock_stripes(8),
             s.insert(3),
+            s.insert_locked().to_string(),
             s.purge.clone(),
             s.stats.clone(),
             s.record.clone(),

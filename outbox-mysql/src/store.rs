@@ -267,8 +267,9 @@ impl MySqlStore {
     /// order. They become visible to relays when, and only if, the transaction commits.
     ///
     /// Pass the transaction's connection: `store.enqueue(&mut tx, ..)` with a
-    /// `sqlx::Transaction` works as is. Two round trips for up to 16 messages: one locks the
-    /// key stripes of the batch's keys (see the crate documentation; skipped with
+    /// `sqlx::Transaction` works as is. One round trip for one message (the key stripe's lock
+    /// and the row in one `INSERT … SELECT … FOR UPDATE`). Two for up to 16 messages: one locks
+    /// the key stripes of the batch's keys (see the crate documentation; skipped with
     /// `key_locks(false)`), one multi-row `INSERT` writes the batch. A larger batch takes an
     /// `INSERT` per part (parts of 256, 128, 64, 32 and at most 16 rows, each within the
     /// server's `max_allowed_packet`): 100 messages are three. After you commit, call
@@ -295,10 +296,14 @@ impl MySqlStore {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        let ids: Vec<MessageId> = messages.iter().map(|_| MessageId::new()).collect();
+        if let ([message], [id], true) = (messages, &ids[..], self.inner.key_locks) {
+            self.insert_locked(conn, message, *id).await?;
+            return Ok(ids);
+        }
         if self.inner.key_locks {
             self.lock_keys(conn, messages).await?;
         }
-        let ids: Vec<MessageId> = messages.iter().map(|_| MessageId::new()).collect();
         for range in self.chunks(&sizes) {
             self.insert(conn, &messages[range.clone()], &ids[range])
                 .await?;
@@ -383,6 +388,53 @@ impl MySqlStore {
         Ok(())
     }
 
+    /// The common case, one message with key locks on, in one round trip instead of two: one
+    /// `INSERT … SELECT … FROM key_locks WHERE stripe = ? FOR UPDATE` locks the key's stripe
+    /// (the same exclusive record lock as [`lock_keys`](Self::lock_keys), held until the
+    /// transaction ends) and inserts the row.
+    async fn insert_locked(
+        &self,
+        conn: &mut MySqlConnection,
+        message: &NewMessage,
+        id: MessageId,
+    ) -> Result<()> {
+        // Built from validated identifiers and constants only, as every statement (`sql`).
+        let query = sqlx::query(AssertSqlSafe(self.inner.sql.insert_locked()));
+        let done = self
+            .bind_message(query, message, id)
+            .bind(int(partition_for(&message.key, KEY_LOCK_STRIPES)))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db_error("enqueue", e))?;
+        match done.rows_affected() {
+            1 => Ok(()),
+            0 => Err(Error::config(format!(
+                "{} lacks key lock stripes: run the migration",
+                self.inner.names.key_locks
+            ))),
+            n => Err(Error::permanent(format!(
+                "enqueue inserted {n} rows for one message"
+            ))),
+        }
+    }
+
+    /// Bind one message's row values, in the order of [`Statements::insert`]'s row.
+    fn bind_message<'q>(
+        &self,
+        query: sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments>,
+        m: &'q NewMessage,
+        id: MessageId,
+    ) -> sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments> {
+        query
+            .bind(id.as_uuid())
+            .bind(m.topic.as_str())
+            .bind(m.key.as_bytes())
+            .bind(&m.payload[..])
+            .bind(Json(&m.headers))
+            .bind(int(partition_for(&m.key, self.inner.partitions)))
+            .bind(m.available_at)
+    }
+
     /// Insert one chunk of messages with one multi-row statement.
     async fn insert(
         &self,
@@ -393,14 +445,7 @@ impl MySqlStore {
         let text = self.inner.sql.insert(messages.len());
         let mut query = sqlx::query(sql(text));
         for (m, id) in messages.iter().zip(ids) {
-            query = query
-                .bind(id.as_uuid())
-                .bind(m.topic.as_str())
-                .bind(m.key.as_bytes())
-                .bind(&m.payload[..])
-                .bind(Json(&m.headers))
-                .bind(int(partition_for(&m.key, self.inner.partitions)))
-                .bind(m.available_at);
+            query = self.bind_message(query, m, *id);
         }
         let done = query
             .execute(&mut *conn)

@@ -640,6 +640,37 @@ async fn a_bulk_enqueue_locks_only_the_stripes_of_its_keys() {
     db.drop().await;
 }
 
+/// A key lock stripe row that is gone (a table emptied by hand) is a configuration error
+/// that names the table, and nothing is written: for one message (its lock and row are one
+/// statement) and for a batch (the locks come first).
+#[tokio::test]
+async fn a_missing_key_lock_stripe_is_a_config_error_and_writes_nothing() {
+    let Some(db) = Db::fresh().await else { return };
+    let store = db.store(8).await;
+    let key_locks = db.table("outbox_key_locks");
+    sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM {key_locks} WHERE stripe = ?"
+    )))
+    .bind(i32::try_from(outbox_core::partition_for("gone", 1024)).unwrap())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for batch in [
+        vec![msg("t", "gone", "one")],
+        vec![msg("t", "kept", "a"), msg("t", "gone", "b")],
+    ] {
+        let mut tx = store.pool().begin().await.unwrap();
+        let err = store.enqueue(&mut tx, &batch).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+        assert!(err.to_string().contains("lacks key lock stripes"), "{err}");
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(store.stats().await.unwrap().pending, 0);
+    put(&store, &[msg("t", "kept", "x")]).await;
+    assert_eq!(store.stats().await.unwrap().pending, 1);
+    db.drop().await;
+}
+
 /// What the stripe locks prevent, pinned: without them, two transactions that enqueue for
 /// one key and commit against their insert order are claimed in insert (sequence) order, not
 /// commit order, as the documentation of `key_locks(false)` says.
