@@ -50,7 +50,8 @@ impl AmqpSubscriberBuilder {
         self
     }
 
-    /// The longest one connection attempt may take (default 10 s).
+    /// The longest one connection attempt may take, from the TCP connect to the consumer
+    /// started on its channel (default 10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -153,7 +154,22 @@ struct Session {
 }
 
 impl Session {
+    /// Connect, open the channel and start consuming, all within the builder's
+    /// `connect_timeout`: a broker (or a network path) that accepts the connection but never
+    /// answers one of the channel's calls fails this attempt as
+    /// [`Unavailable`](ErrorKind::Unavailable), and the reconnect loop tries again, instead of
+    /// waiting for good.
     async fn open(config: &AmqpSubscriberBuilder) -> Result<Session> {
+        match tokio::time::timeout(config.connect_timeout, Self::open_unbounded(config)).await {
+            Ok(session) => session,
+            Err(_) => Err(Error::unavailable(format!(
+                "RabbitMQ did not open the consumer of queue {:?} within {:?}",
+                config.queue, config.connect_timeout
+            ))),
+        }
+    }
+
+    async fn open_unbounded(config: &AmqpSubscriberBuilder) -> Result<Session> {
         let connection =
             connect::open(&config.url, &config.connection_name, config.connect_timeout).await?;
         let channel = connection
@@ -377,7 +393,13 @@ impl DeadLetterRoute {
             )
             .await
             .map_err(|e| from_lapin("publishing a dead letter", e))?;
-        match confirm.await {
+        let Ok(confirm) = tokio::time::timeout(SETTLE_TIMEOUT, confirm).await else {
+            return Err(Error::transient(format!(
+                "RabbitMQ did not confirm the dead letter within {SETTLE_TIMEOUT:?}; the \
+                 message is delivered again"
+            )));
+        };
+        match confirm {
             Ok(lapin::Confirmation::Ack(_)) => Ok(()),
             Ok(_) => Err(Error::transient(
                 "RabbitMQ did not take the dead letter (nack); the message is delivered again",
@@ -395,6 +417,26 @@ impl std::fmt::Debug for AmqpDelivery {
             .field("key", &self.message.key)
             .field("redelivered", &self.message.redelivered)
             .finish_non_exhaustive()
+    }
+}
+
+/// How long an ack or nack may wait for the client library to send it. lapin answers a call
+/// on a channel whose connection just died with an error, but a call queued in the moment the
+/// connection's I/O loop stops can be left without an answer; the message was not settled and
+/// the broker redelivers it, so the call gives up, with a transient error, rather than hold
+/// its key in the consumer for good.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `call` (an ack or a nack), given up after [`SETTLE_TIMEOUT`].
+async fn settle_within(
+    call: impl std::future::Future<Output = std::result::Result<bool, lapin::Error>>,
+    what: &str,
+) -> Result<()> {
+    match tokio::time::timeout(SETTLE_TIMEOUT, call).await {
+        Ok(result) => settled(result, what),
+        Err(_) => Err(Error::transient(format!(
+            "{what} got no answer within {SETTLE_TIMEOUT:?}; the broker redelivers the message"
+        ))),
     }
 }
 
@@ -421,22 +463,21 @@ impl Delivery for AmqpDelivery {
         let Some(acker) = self.acker.take() else {
             return Ok(());
         };
-        settled(acker.ack(BasicAckOptions::default()).await, "ack")
+        settle_within(acker.ack(BasicAckOptions::default()), "ack").await
     }
 
     async fn nack(mut self: Box<Self>, requeue: bool) -> Result<()> {
         let Some(acker) = self.acker.take() else {
             return Ok(());
         };
-        settled(
-            acker
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue,
-                })
-                .await,
+        settle_within(
+            acker.nack(BasicNackOptions {
+                multiple: false,
+                requeue,
+            }),
             "nack",
         )
+        .await
     }
 
     /// With the subscriber's [`dead_letter_exchange`](AmqpSubscriberBuilder::dead_letter_exchange):
@@ -467,13 +508,11 @@ impl Drop for AmqpDelivery {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    let nacked = acker
-                        .nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await;
-                    if let Err(e) = settled(nacked, "requeue of a dropped delivery") {
+                    let nacked = acker.nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    });
+                    if let Err(e) = settle_within(nacked, "requeue of a dropped delivery").await {
                         debug!(%id, error = %e, "requeue after drop failed");
                     }
                 });
