@@ -6,7 +6,8 @@
 --
 -- For users who run their own migrations. It creates the tables in the current schema (the
 -- first schema of `search_path`); configure the store with that schema
--- (`PgStore::builder(pool).schema("...")`). It is idempotent. To use another partition count,
+-- (`PgStore::builder(pool).schema("...")`). It is idempotent, and applied over an older
+-- version's tables it upgrades them in place. To use another partition count,
 -- change the upper bound of generate_series below to count - 1 and configure
 -- `.partitions(count)`; the count cannot change once the partitions table is filled.
 -- `PgStoreBuilder::schema_sql` renders this schema for custom names.
@@ -17,9 +18,12 @@
 -- names are unqualified, the function finds its tables through the caller's search_path:
 -- call it with the schema you applied this file in on the search_path.
 
--- `seq` orders the messages of a partition (through the ready index) and needs no index of
--- its own; `id` is the key every lookup by message uses. Each index is one more entry written
--- by every enqueue, in the caller's transaction.
+-- Every index entry is written by every enqueue, in the caller's transaction, so a message
+-- that is due at once gets two: the primary key (`id`, by which messages are settled and
+-- operated on) and the ready index. `seq` orders a partition's messages through the ready
+-- index and needs no index of its own. `available_at` is NULL for a message due at once; only
+-- a delayed message, or one waiting for its retry, has a time there, and an entry in the key
+-- index.
 CREATE TABLE IF NOT EXISTS outbox (
     seq          bigint      GENERATED ALWAYS AS IDENTITY,
     id           uuid        PRIMARY KEY,
@@ -29,21 +33,35 @@ CREATE TABLE IF NOT EXISTS outbox (
     headers      jsonb       NOT NULL DEFAULT '{}'::jsonb,
     partition    integer     NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    available_at timestamptz NOT NULL DEFAULT now(),
+    available_at timestamptz,
     published_at timestamptz,
     dead_at      timestamptz,
     attempts     integer     NOT NULL DEFAULT 0,
     last_error   text
 );
 
--- Upgrade an outbox table of version 1, whose primary key was `seq` and `id` UNIQUE: `id`
--- becomes the primary key (its index is built anew, writes wait meanwhile) and `seq` loses
--- its index.
+-- Upgrade an outbox table of version 1, whose primary key was `seq` (and `id` UNIQUE) and
+-- whose `available_at` was NOT NULL DEFAULT now(): `id` becomes the primary key (its index is
+-- built anew, writes wait meanwhile), `seq` loses its index, `available_at` may be NULL, and
+-- the key index is dropped here to be made again below with only the waiting messages.
 DO $outbox$
 DECLARE
     v_pk text;
     v_unique text;
+    v_key_idx regclass;
 BEGIN
+    IF (SELECT a.attnotnull FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = 'outbox'::regclass AND a.attname = 'available_at') THEN
+        ALTER TABLE outbox ALTER COLUMN available_at DROP NOT NULL,
+            ALTER COLUMN available_at DROP DEFAULT;
+        SELECT i.oid INTO v_key_idx FROM pg_catalog.pg_class i
+        WHERE i.relname = 'outbox_key_idx'
+          AND i.relnamespace = (SELECT t.relnamespace FROM pg_catalog.pg_class t
+                                WHERE t.oid = 'outbox'::regclass);
+        IF v_key_idx IS NOT NULL THEN
+            EXECUTE format('DROP INDEX %s', v_key_idx);
+        END IF;
+    END IF;
     SELECT c.conname INTO v_pk
     FROM pg_catalog.pg_constraint c
     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
@@ -67,9 +85,10 @@ $outbox$;
 CREATE INDEX IF NOT EXISTS outbox_ready_idx ON outbox (partition, seq)
     WHERE published_at IS NULL AND dead_at IS NULL;
 -- Claim: is an earlier message of the same key waiting (delayed or backing off)? A range scan
--- over available_at > now() visits only the waiting rows of the key.
+-- over available_at > now() visits only the waiting rows of the key; messages due at once
+-- (available_at NULL) are not in it.
 CREATE INDEX IF NOT EXISTS outbox_key_idx ON outbox (partition, key, available_at)
-    WHERE published_at IS NULL AND dead_at IS NULL;
+    WHERE published_at IS NULL AND dead_at IS NULL AND available_at IS NOT NULL;
 -- Purge: published rows by age.
 CREATE INDEX IF NOT EXISTS outbox_published_idx ON outbox (published_at)
     WHERE published_at IS NOT NULL;

@@ -14,9 +14,12 @@ const MIGRATION_LOCK: &str = "outbox-postgres migrate";
 /// The schema template. `{outbox}`, `{partitions}` and `{inbox}` are the table names (qualified
 /// or not), `{outbox_*_idx}` / `{inbox_*_idx}` the index names (never qualified: an index lives
 /// in its table's schema), `{max_partition}` the highest partition number.
-const TEMPLATE: &str = r#"-- `seq` orders the messages of a partition (through the ready index) and needs no index of
--- its own; `id` is the key every lookup by message uses. Each index is one more entry written
--- by every enqueue, in the caller's transaction.
+const TEMPLATE: &str = r#"-- Every index entry is written by every enqueue, in the caller's transaction, so a message
+-- that is due at once gets two: the primary key (`id`, by which messages are settled and
+-- operated on) and the ready index. `seq` orders a partition's messages through the ready
+-- index and needs no index of its own. `available_at` is NULL for a message due at once; only
+-- a delayed message, or one waiting for its retry, has a time there, and an entry in the key
+-- index.
 CREATE TABLE IF NOT EXISTS {outbox} (
     seq          bigint      GENERATED ALWAYS AS IDENTITY,
     id           uuid        PRIMARY KEY,
@@ -26,21 +29,35 @@ CREATE TABLE IF NOT EXISTS {outbox} (
     headers      jsonb       NOT NULL DEFAULT '{}'::jsonb,
     partition    integer     NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    available_at timestamptz NOT NULL DEFAULT now(),
+    available_at timestamptz,
     published_at timestamptz,
     dead_at      timestamptz,
     attempts     integer     NOT NULL DEFAULT 0,
     last_error   text
 );
 
--- Upgrade an outbox table of version 1, whose primary key was `seq` and `id` UNIQUE: `id`
--- becomes the primary key (its index is built anew, writes wait meanwhile) and `seq` loses
--- its index.
+-- Upgrade an outbox table of version 1, whose primary key was `seq` (and `id` UNIQUE) and
+-- whose `available_at` was NOT NULL DEFAULT now(): `id` becomes the primary key (its index is
+-- built anew, writes wait meanwhile), `seq` loses its index, `available_at` may be NULL, and
+-- the key index is dropped here to be made again below with only the waiting messages.
 DO $outbox$
 DECLARE
     v_pk text;
     v_unique text;
+    v_key_idx regclass;
 BEGIN
+    IF (SELECT a.attnotnull FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = '{outbox}'::regclass AND a.attname = 'available_at') THEN
+        ALTER TABLE {outbox} ALTER COLUMN available_at DROP NOT NULL,
+            ALTER COLUMN available_at DROP DEFAULT;
+        SELECT i.oid INTO v_key_idx FROM pg_catalog.pg_class i
+        WHERE i.relname = '{outbox_key_idx_name}'
+          AND i.relnamespace = (SELECT t.relnamespace FROM pg_catalog.pg_class t
+                                WHERE t.oid = '{outbox}'::regclass);
+        IF v_key_idx IS NOT NULL THEN
+            EXECUTE format('DROP INDEX %s', v_key_idx);
+        END IF;
+    END IF;
     SELECT c.conname INTO v_pk
     FROM pg_catalog.pg_constraint c
     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
@@ -64,9 +81,10 @@ $outbox$;
 CREATE INDEX IF NOT EXISTS {outbox_ready_idx} ON {outbox} (partition, seq)
     WHERE published_at IS NULL AND dead_at IS NULL;
 -- Claim: is an earlier message of the same key waiting (delayed or backing off)? A range scan
--- over available_at > now() visits only the waiting rows of the key.
+-- over available_at > now() visits only the waiting rows of the key; messages due at once
+-- (available_at NULL) are not in it.
 CREATE INDEX IF NOT EXISTS {outbox_key_idx} ON {outbox} (partition, key, available_at)
-    WHERE published_at IS NULL AND dead_at IS NULL;
+    WHERE published_at IS NULL AND dead_at IS NULL AND available_at IS NOT NULL;
 -- Purge: published rows by age.
 CREATE INDEX IF NOT EXISTS {outbox_published_idx} ON {outbox} (published_at)
     WHERE published_at IS NOT NULL;
@@ -260,7 +278,8 @@ const FILE_HEADER: &str = "\
 --
 -- For users who run their own migrations. It creates the tables in the current schema (the
 -- first schema of `search_path`); configure the store with that schema
--- (`PgStore::builder(pool).schema(\"...\")`). It is idempotent. To use another partition count,
+-- (`PgStore::builder(pool).schema(\"...\")`). It is idempotent, and applied over an older
+-- version's tables it upgrades them in place. To use another partition count,
 -- change the upper bound of generate_series below to count - 1 and configure
 -- `.partitions(count)`; the count cannot change once the partitions table is filled.
 -- `PgStoreBuilder::schema_sql` renders this schema for custom names.
@@ -406,7 +425,10 @@ pub(crate) fn render(names: &Names, partitions: u32, qualify: bool) -> String {
             format!("{t}{suffix}")
         }
     };
-    let mut sql = TEMPLATE.to_string();
+    let mut sql = TEMPLATE.replace(
+        "{outbox_key_idx_name}",
+        &format!("{}_key_idx", names.outbox),
+    );
     for suffix in INDEX_SUFFIXES {
         sql = sql.replace(
             &format!("{{outbox{suffix}}}"),
@@ -497,7 +519,7 @@ pub(crate) async fn migrate(pool: &PgPool, names: &Names, partitions: u32) -> Re
     // every enqueue behind it, on each start of each process.
     let statements = Statements::new(names);
     let needs_ddl = !missing_relations(&mut tx, names).await?.is_empty()
-        || !primary_key_current(&mut tx, names).await?
+        || !outbox_table_current(&mut tx, names).await?
         || {
             let (count, _, _) = partition_rows(&mut tx, &statements).await?;
             count == 0
@@ -554,20 +576,25 @@ async fn missing_relations(conn: &mut PgConnection, names: &Names) -> Result<Vec
     .map_err(|e| db_error("look up the outbox tables", e))
 }
 
-/// Whether the outbox table's primary key is this version's, `(id)`; version 1's was
-/// `(seq)`, which the template upgrades.
-async fn primary_key_current(conn: &mut PgConnection, names: &Names) -> Result<bool> {
+/// Whether the outbox table is this version's: its primary key is `(id)` and `available_at`
+/// may be NULL. Version 1's table (primary key `seq`, `available_at` NOT NULL) is upgraded by
+/// the template.
+async fn outbox_table_current(conn: &mut PgConnection, names: &Names) -> Result<bool> {
     sqlx::query_scalar(
         "SELECT EXISTS (
             SELECT 1 FROM pg_catalog.pg_constraint c
             JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
             WHERE c.conrelid = to_regclass($1) AND c.contype = 'p'
-              AND cardinality(c.conkey) = 1 AND a.attname = 'id')",
+              AND cardinality(c.conkey) = 1 AND a.attname = 'id')
+          AND EXISTS (
+            SELECT 1 FROM pg_catalog.pg_attribute a
+            WHERE a.attrelid = to_regclass($1) AND a.attname = 'available_at'
+              AND NOT a.attnotnull)",
     )
     .bind(names.qualified(&names.outbox))
     .fetch_one(&mut *conn)
     .await
-    .map_err(|e| db_error("look up the outbox table's primary key", e))
+    .map_err(|e| db_error("look up the outbox table's version", e))
 }
 
 /// Whether the SQL functions exist and are this version's (their comment says so).
@@ -603,10 +630,10 @@ pub(crate) async fn check(
             missing.join(", ")
         )));
     }
-    if !primary_key_current(&mut conn, names).await? {
+    if !outbox_table_current(&mut conn, names).await? {
         return Err(Error::config(format!(
-            "the outbox table {}.{} is from version 1 (its primary key is seq, not id): run \
-             the migration (PgStoreBuilder::migrate(true), or `outbox migrate`) or apply the \
+            "the outbox table {}.{} is from version 1 (its primary key is seq, not id, and \
+             available_at is NOT NULL): run the migration (PgStoreBuilder::migrate(true), or `outbox migrate`) or apply the \
              crate's sql/schema.sql, which upgrade it in place",
             names.schema, names.outbox
         )));

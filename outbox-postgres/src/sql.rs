@@ -14,10 +14,10 @@ use crate::schema::Names;
 #[derive(Debug)]
 pub(crate) struct Statements {
     /// `$1` ids, `$2` topics, `$3` keys, `$4` payloads, `$5` headers, `$6` partitions,
-    /// `$7` available_at (NULL: now), `$8` shared locks, `$9` exclusive locks, `$10` channel.
+    /// `$7` available_at (NULL: due at once), `$8` shared locks, `$9` exclusive locks, `$10` channel.
     pub(crate) enqueue: Arc<str>,
     /// One message, in scalar parameters: `$1` id, `$2` topic, `$3` key, `$4` payload,
-    /// `$5` headers, `$6` partition, `$7` available_at (NULL: now), `$8` shared lock,
+    /// `$5` headers, `$6` partition, `$7` available_at (NULL: due at once), `$8` shared lock,
     /// `$9` exclusive lock (each NULL: none), `$10` channel.
     pub(crate) enqueue_one: Arc<str>,
     /// Claims, `[default key order, strict key order]`: `$1` owner, `$2` max partitions,
@@ -58,8 +58,10 @@ pub(crate) struct Statements {
 }
 
 /// The columns of a message, as `message_from_row` reads them.
+/// `available_at` is NULL for a message due at once; callers see its enqueue time then.
 const MESSAGE_COLUMNS: &str = "m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.partition, \
-     m.created_at, m.available_at, m.attempts, m.last_error";
+     m.created_at, coalesce(m.available_at, m.created_at) AS available_at, m.attempts, \
+     m.last_error";
 
 /// Whether row `m` is ready: pending, available, and no earlier pending message of its key (in
 /// its partition) is still waiting for its time (delayed delivery or retry backoff); in
@@ -70,7 +72,8 @@ const MESSAGE_COLUMNS: &str = "m.seq, m.id, m.topic, m.key, m.payload, m.headers
 /// plans depend on statistics (and go quadratic on a young table that was never analysed).
 fn ready(strict: bool) -> String {
     let mut sql = String::from(
-        "m.published_at IS NULL AND m.dead_at IS NULL AND m.available_at <= now()
+        "m.published_at IS NULL AND m.dead_at IS NULL
+          AND (m.available_at IS NULL OR m.available_at <= now())
           AND NOT EXISTS (
               SELECT 1 FROM {OUTBOX} w
               WHERE w.partition = m.partition AND w.key = m.key
@@ -247,7 +250,7 @@ exclusive_locks AS MATERIALIZED (
 ),
 ins AS (
     INSERT INTO {OUTBOX} (id, topic, key, payload, headers, partition, available_at)
-    SELECT u.id, u.topic, u.key, u.payload, u.headers, u.partition, coalesce(u.available_at, now())
+    SELECT u.id, u.topic, u.key, u.payload, u.headers, u.partition, u.available_at
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[], $6::int4[],
                 $7::timestamptz[])
          WITH ORDINALITY AS u(id, topic, key, payload, headers, partition, available_at, ord)
@@ -275,8 +278,7 @@ exclusive_lock AS MATERIALIZED (
     SELECT pg_advisory_xact_lock($9::int8) AS x, pg_notify($10, '') AS n FROM shared_lock
 )
 INSERT INTO {OUTBOX} (id, topic, key, payload, headers, partition, available_at)
-SELECT $1::uuid, $2::text, $3::text, $4::bytea, $5::jsonb, $6::int4,
-       coalesce($7::timestamptz, now())
+SELECT $1::uuid, $2::text, $3::text, $4::bytea, $5::jsonb, $6::int4, $7::timestamptz
 FROM exclusive_lock"
         .to_string()
 }
@@ -340,7 +342,7 @@ FROM (SELECT min(created_at) AS oldest FROM {OUTBOX}
 fn requeue(which: &str) -> String {
     format!(
         "WITH done AS (
-    UPDATE {{OUTBOX}} SET dead_at = NULL, attempts = 0, available_at = now()
+    UPDATE {{OUTBOX}} SET dead_at = NULL, attempts = 0, available_at = NULL
     WHERE {which} AND dead_at IS NOT NULL AND published_at IS NULL
     RETURNING 1
 ),

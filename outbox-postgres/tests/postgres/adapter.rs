@@ -161,6 +161,62 @@ async fn stored_row(store: &PgStore, conn: &mut sqlx::PgConnection, id: MessageI
         .unwrap()
 }
 
+/// A message due at once is stored without a time (so it has no entry in the key index,
+/// which holds only waiting messages) and is reported with its enqueue time; a delayed one
+/// keeps its time, and a retry sets one.
+#[tokio::test]
+async fn only_waiting_messages_store_an_available_at() {
+    let Some(db) = Db::fresh().await else { return };
+    let store = db.store(8).await;
+    let later = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    let ids = put(
+        &store,
+        &[
+            msg("t", "a", "now"),
+            msg("t", "b", "later").available_at(later),
+        ],
+    )
+    .await;
+    let stored = |id: MessageId| {
+        let pool = db.pool.clone();
+        let sql = format!(
+            "SELECT available_at IS NULL FROM \"{}\".outbox WHERE id = $1",
+            db.schema
+        );
+        async move {
+            sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(sql))
+                .bind(id.as_uuid())
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(stored(ids[0]).await, "a message due at once stores NULL");
+    assert!(!stored(ids[1]).await, "a delayed message keeps its time");
+    let claim = store
+        .claim(&req("r", 10, Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claim.messages.len(), 1);
+    let m = &claim.messages[0];
+    assert_eq!((m.id, m.available_at), (ids[0], m.created_at));
+    store
+        .settle(
+            &claim.lease,
+            &[],
+            &[Failure {
+                id: ids[0],
+                error: "broker said no".into(),
+                retry_after: Some(Duration::from_secs(60)),
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(!stored(ids[0]).await, "a retry sets a time");
+    db.drop().await;
+}
+
 /// One message goes in by a statement of its own (scalar parameters, no arrays); it must write
 /// the row and take the locks that the batch statement does for the same key, and none with
 /// key locks off.
