@@ -317,7 +317,11 @@ impl Subscriber for AmqpSubscriber {
                 Err(why) => {
                     warn!(queue = %self.config.queue, routing_key = %routing_key, reason = %why,
                         "rejecting a message without a valid outbox id (not requeued)");
-                    if let Err(e) = acker.reject(BasicRejectOptions { requeue: false }).await {
+                    let rejected = settle_within(
+                        acker.reject(BasicRejectOptions { requeue: false }),
+                        "reject of a message without an outbox id",
+                    );
+                    if let Err(e) = rejected.await {
                         warn!(error = %e, "reject failed; the broker redelivers it when the channel closes");
                     }
                     continue;
@@ -382,18 +386,19 @@ impl DeadLetterRoute {
             AMQPValue::LongString(LongString::from(self.source_exchange.as_str())),
         );
         let properties = self.properties.with_headers(headers);
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.exchange.as_str().into(),
-                self.routing_key.as_str().into(),
-                lapin::options::BasicPublishOptions::default(),
-                &self.body,
-                properties,
-            )
-            .await
-            .map_err(|e| from_lapin("publishing a dead letter", e))?;
-        let Ok(confirm) = tokio::time::timeout(SETTLE_TIMEOUT, confirm).await else {
+        let publish = async {
+            self.channel
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    self.routing_key.as_str().into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    &self.body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let Ok(confirm) = tokio::time::timeout(SETTLE_TIMEOUT, publish).await else {
             return Err(Error::transient(format!(
                 "RabbitMQ did not confirm the dead letter within {SETTLE_TIMEOUT:?}; the \
                  message is delivered again"
@@ -404,7 +409,7 @@ impl DeadLetterRoute {
             Ok(_) => Err(Error::transient(
                 "RabbitMQ did not take the dead letter (nack); the message is delivered again",
             )),
-            Err(e) => Err(from_lapin("confirming a dead letter", e)),
+            Err(e) => Err(from_lapin("publishing a dead letter", e)),
         }
     }
 }
@@ -420,11 +425,13 @@ impl std::fmt::Debug for AmqpDelivery {
     }
 }
 
-/// How long an ack or nack may wait for the client library to send it. lapin answers a call
-/// on a channel whose connection just died with an error, but a call queued in the moment the
-/// connection's I/O loop stops can be left without an answer; the message was not settled and
-/// the broker redelivers it, so the call gives up, with a transient error, rather than hold
-/// its key in the consumer for good.
+/// How long an ack, nack or reject, or a dead letter's publish and confirm, may take. lapin
+/// answers a call on a channel whose connection just died with an error, but a call queued in
+/// the moment the connection's I/O loop stops is left without an answer (lapin 4.12's RPC loop
+/// ends there and drops what is queued behind it). The call then gives up, with a transient
+/// error, rather than hold its key in the consumer for good; the connection is gone, so the
+/// broker requeues the message and delivers it again. A dead letter whose confirm came too late
+/// may be published twice when its message comes back.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `call` (an ack or a nack), given up after [`SETTLE_TIMEOUT`].
@@ -435,7 +442,7 @@ async fn settle_within(
     match tokio::time::timeout(SETTLE_TIMEOUT, call).await {
         Ok(result) => settled(result, what),
         Err(_) => Err(Error::transient(format!(
-            "{what} got no answer within {SETTLE_TIMEOUT:?}; the broker redelivers the message"
+            "{what} got no answer within {SETTLE_TIMEOUT:?}; the message may be delivered again"
         ))),
     }
 }
