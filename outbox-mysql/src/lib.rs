@@ -64,7 +64,8 @@
 //! other order than their sequence numbers, and be published out of order. Enqueue closes
 //! that with row locks that end with the transaction: before inserting, it locks (`SELECT ...
 //! FOR UPDATE`, in sorted order) the rows of the key lock table that its keys hash to (1,024
-//! stripes). A second transaction enqueueing for the same key waits until the first commits
+//! stripes); one message locks its stripe's row in its own insert (`INSERT ... SELECT ... FROM
+//! key_locks WHERE stripe = ? FOR UPDATE`), one round trip. A second transaction enqueueing for the same key waits until the first commits
 //! or rolls back, as it would on the aggregate's own row lock; keys that share a stripe wait
 //! for each other too, which costs only concurrency. (`GET_LOCK` cannot do this: named locks
 //! survive the commit.) Two transactions that enqueue for the same keys in opposite orders

@@ -193,7 +193,10 @@ impl PgStoreBuilder {
     /// Create the schema and the tables and indexes that are missing before checking them
     /// (default `true`), and upgrade tables of an older version in place: version 1's outbox
     /// table, keyed by `seq`, gets `id` as its primary key, an index built anew while the
-    /// table is locked (0.5 s for a million rows on our test machine). Idempotent and safe to
+    /// table is locked (0.5 s for a million rows on our test machine). Upgrading from version
+    /// 1: stop its relays before a writer of this version enqueues (they would not see messages
+    /// stored without an `available_at` and could publish later messages of the same key before
+    /// them); the lock waits for open transactions on the table. Idempotent and safe to
     /// run from several processes at once: it runs in one transaction under an advisory lock,
     /// and runs no DDL when everything is in place. Turn it off if you apply `sql/schema.sql` (or [`schema_sql`](Self::schema_sql)) in your
     /// own migrations.

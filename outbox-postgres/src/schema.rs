@@ -14,8 +14,8 @@ const MIGRATION_LOCK: &str = "outbox-postgres migrate";
 /// The schema template. `{outbox}`, `{partitions}` and `{inbox}` are the table names (qualified
 /// or not), `{outbox_*_idx}` / `{inbox_*_idx}` the index names (never qualified: an index lives
 /// in its table's schema), `{max_partition}` the highest partition number.
-const TEMPLATE: &str = r#"-- Every index entry is written by every enqueue, in the caller's transaction, so a message
--- that is due at once gets two: the primary key (`id`, by which messages are settled and
+const TEMPLATE: &str = r#"-- Every index a message has an entry in is written by its enqueue, in the caller's
+-- transaction, so a message that is due at once gets two entries: the primary key (`id`, by which messages are settled and
 -- operated on) and the ready index. `seq` orders a partition's messages through the ready
 -- index and needs no index of its own. `available_at` is NULL for a message due at once; only
 -- a delayed message, or one waiting for its retry, has a time there, and an entry in the key
