@@ -20,16 +20,19 @@ fn secrets() -> &'static RwLock<Vec<String>> {
 /// Remember the password of `text` if it is a URL with one (user info or a `password=` query
 /// parameter), so that [`scrub`] masks it from then on. Other text is ignored.
 pub(crate) fn register(text: &str) {
-    for secret in outbox::url_secrets(text) {
-        register_secret(&secret);
-    }
+    // As written and percent-decoded already.
+    remember(outbox::url_secrets(text));
 }
 
 /// Remember `secret` (a password given outside a URL, e.g. a Kafka SASL property), as
 /// written and percent-decoded, so that [`scrub`] masks it from then on.
 pub(crate) fn register_secret(secret: &str) {
+    remember([percent_decode(secret), secret.to_string()]);
+}
+
+fn remember(forms: impl IntoIterator<Item = String>) {
     let mut all = secrets().write().unwrap_or_else(|p| p.into_inner());
-    for form in [percent_decode(secret), secret.to_string()] {
+    for form in forms {
         if form.len() >= MIN_SECRET_LEN && !all.contains(&form) {
             all.push(form);
         }
