@@ -434,7 +434,7 @@ impl std::fmt::Debug for AmqpDelivery {
 /// may be published twice when its message comes back.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `call` (an ack or a nack), given up after [`SETTLE_TIMEOUT`].
+/// `call` (an ack, nack or reject), given up after [`SETTLE_TIMEOUT`].
 async fn settle_within(
     call: impl std::future::Future<Output = std::result::Result<bool, lapin::Error>>,
     what: &str,

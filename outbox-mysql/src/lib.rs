@@ -54,8 +54,9 @@
 //! this crate) in your own migrations; [`MySqlStoreBuilder::schema_sql`] renders the same
 //! schema for custom names. Times are `DATETIME(6)` in UTC, taken from the server's
 //! `UTC_TIMESTAMP(6)` (all but a delayed message's `available_at`, which the writer gives), so
-//! neither the session `time_zone` nor the clocks of relays and writers matter. A message's `state` column (0 pending, 1 published, 2 dead) stands in for
-//! the partial indexes MySQL lacks.
+//! neither the session `time_zone` nor the clocks of relays and writers matter. A message's
+//! `state` column (0 pending, 1 published, 2 dead) stands in for the partial indexes MySQL
+//! lacks.
 //!
 //! # Ordering of concurrent writers
 //!
@@ -65,11 +66,12 @@
 //! that with row locks that end with the transaction: before inserting, it locks (`SELECT ...
 //! FOR UPDATE`, in sorted order) the rows of the key lock table that its keys hash to (1,024
 //! stripes); one message locks its stripe's row in its own insert (`INSERT ... SELECT ... FROM
-//! key_locks WHERE stripe = ? FOR UPDATE`), one round trip. A second transaction enqueueing for the same key waits until the first commits
-//! or rolls back, as it would on the aggregate's own row lock; keys that share a stripe wait
-//! for each other too, which costs only concurrency. (`GET_LOCK` cannot do this: named locks
-//! survive the commit.) Two transactions that enqueue for the same keys in opposite orders
-//! can deadlock, as with any row locks; InnoDB rolls one of them back (a
+//! key_locks WHERE stripe = ? FOR UPDATE`), one round trip. A second transaction enqueueing
+//! for the same key waits until the first commits or rolls back, as it would on the
+//! aggregate's own row lock; keys that share a stripe wait for each other too, which costs
+//! only concurrency. (`GET_LOCK` cannot do this: named locks survive the commit.) Two
+//! transactions that enqueue for the same keys in opposite orders can deadlock, as with any
+//! row locks; InnoDB rolls one of them back (a
 //! [`Transient`](outbox_core::ErrorKind::Transient) error: retry that transaction). Turn the
 //! locks off with [`MySqlStoreBuilder::key_locks`] if your transactions already serialise the
 //! writers of a key (for example by locking the aggregate's row first).

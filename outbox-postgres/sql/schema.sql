@@ -18,12 +18,12 @@
 -- names are unqualified, the function finds its tables through the caller's search_path:
 -- call it with the schema you applied this file in on the search_path.
 
--- Every index a message has an entry in is written by its enqueue, in the caller's
--- transaction, so a message that is due at once gets two entries: the primary key (`id`, by which messages are settled and
--- operated on) and the ready index. `seq` orders a partition's messages through the ready
--- index and needs no index of its own. `available_at` is NULL for a message due at once; only
--- a delayed message, or one waiting for its retry, has a time there, and an entry in the key
--- index.
+-- Every index a message has an entry in is written by its enqueue,
+-- in the caller's transaction, so a message that is due at once gets two entries: the primary
+-- key (`id`, by which messages are settled and operated on) and the ready index. `seq` orders
+-- a partition's messages through the ready index and needs no index of its own.
+-- `available_at` is NULL for a message due at once; only a delayed message, or one waiting
+-- for its retry, has a time there, and an entry in the key index.
 CREATE TABLE IF NOT EXISTS outbox (
     seq          bigint      GENERATED ALWAYS AS IDENTITY,
     id           uuid        PRIMARY KEY,

@@ -198,7 +198,8 @@ impl PgStoreBuilder {
     /// stored without an `available_at` and could publish later messages of the same key before
     /// them); the lock waits for open transactions on the table. Idempotent and safe to
     /// run from several processes at once: it runs in one transaction under an advisory lock,
-    /// and runs no DDL when everything is in place. Turn it off if you apply `sql/schema.sql` (or [`schema_sql`](Self::schema_sql)) in your
+    /// and runs no DDL when everything is in place. Turn it off if you apply `sql/schema.sql`
+    /// (or [`schema_sql`](Self::schema_sql)) in your
     /// own migrations.
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;

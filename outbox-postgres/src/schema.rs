@@ -14,12 +14,12 @@ const MIGRATION_LOCK: &str = "outbox-postgres migrate";
 /// The schema template. `{outbox}`, `{partitions}` and `{inbox}` are the table names (qualified
 /// or not), `{outbox_*_idx}` / `{inbox_*_idx}` the index names (never qualified: an index lives
 /// in its table's schema), `{max_partition}` the highest partition number.
-const TEMPLATE: &str = r#"-- Every index a message has an entry in is written by its enqueue, in the caller's
--- transaction, so a message that is due at once gets two entries: the primary key (`id`, by which messages are settled and
--- operated on) and the ready index. `seq` orders a partition's messages through the ready
--- index and needs no index of its own. `available_at` is NULL for a message due at once; only
--- a delayed message, or one waiting for its retry, has a time there, and an entry in the key
--- index.
+const TEMPLATE: &str = r#"-- Every index a message has an entry in is written by its enqueue,
+-- in the caller's transaction, so a message that is due at once gets two entries: the primary
+-- key (`id`, by which messages are settled and operated on) and the ready index. `seq` orders
+-- a partition's messages through the ready index and needs no index of its own.
+-- `available_at` is NULL for a message due at once; only a delayed message, or one waiting
+-- for its retry, has a time there, and an entry in the key index.
 CREATE TABLE IF NOT EXISTS {outbox} (
     seq          bigint      GENERATED ALWAYS AS IDENTITY,
     id           uuid        PRIMARY KEY,
@@ -633,8 +633,8 @@ pub(crate) async fn check(
     if !outbox_table_current(&mut conn, names).await? {
         return Err(Error::config(format!(
             "the outbox table {}.{} is from version 1 (its primary key is seq, not id, and \
-             available_at is NOT NULL): run the migration (PgStoreBuilder::migrate(true), or `outbox migrate`) or apply the \
-             crate's sql/schema.sql, which upgrade it in place",
+             available_at is NOT NULL): run the migration (PgStoreBuilder::migrate(true), or \
+             `outbox migrate`) or apply the crate's sql/schema.sql, which upgrade it in place",
             names.schema, names.outbox
         )));
     }

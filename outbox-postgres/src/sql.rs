@@ -14,7 +14,8 @@ use crate::schema::Names;
 #[derive(Debug)]
 pub(crate) struct Statements {
     /// `$1` ids, `$2` topics, `$3` keys, `$4` payloads, `$5` headers, `$6` partitions,
-    /// `$7` available_at (NULL: due at once), `$8` shared locks, `$9` exclusive locks, `$10` channel.
+    /// `$7` available_at (NULL: due at once), `$8` shared locks, `$9` exclusive locks,
+    /// `$10` channel.
     pub(crate) enqueue: Arc<str>,
     /// One message, in scalar parameters: `$1` id, `$2` topic, `$3` key, `$4` payload,
     /// `$5` headers, `$6` partition, `$7` available_at (NULL: due at once), `$8` shared lock,
